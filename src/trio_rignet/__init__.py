@@ -1,0 +1,57 @@
+"""trio-rignet: signal experiment rigs over a LAN with echo confirmation.
+
+A structured-concurrency (Trio / AnyIO) port of ``iblutil.io.net``, wire
+compatible with it. Public names are re-exported here; every other module is
+private.
+"""
+
+from __future__ import annotations
+
+from ._errors import (
+    EchoTimeout,
+    FramingError,
+    MessageError,
+    PeerUnavailable,
+    RemoteError,
+    RignetError,
+)
+from ._framing import StreamDecoder
+from ._messages import (
+    LISTEN_PORT,
+    PROTOCOL_VERSION,
+    AlyxLike,
+    ExpMessage,
+    ExpStatus,
+    Message,
+    decode,
+    encode,
+    format_exp_ref,
+    parse_message,
+)
+from ._uri import hostname2ip, is_valid_ip, validate_uri
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LISTEN_PORT",
+    "PROTOCOL_VERSION",
+    "AlyxLike",
+    "EchoTimeout",
+    "ExpMessage",
+    "ExpStatus",
+    "FramingError",
+    "Message",
+    "MessageError",
+    "PeerUnavailable",
+    "RemoteError",
+    "RignetError",
+    "StreamDecoder",
+    "__version__",
+    "decode",
+    "encode",
+    "format_exp_ref",
+    "hostname2ip",
+    "is_valid_ip",
+    "parse_message",
+    "validate_uri",
+]
