@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from ._errors import (
     EchoTimeout,
+    EndpointClosed,
     FramingError,
     MessageError,
     PeerUnavailable,
     RemoteError,
     RignetError,
 )
+from ._echo import Callback, EchoProtocol, EchoStats
 from ._framing import StreamDecoder
 from ._messages import (
     LISTEN_PORT,
@@ -36,7 +38,11 @@ __all__ = [
     "LISTEN_PORT",
     "PROTOCOL_VERSION",
     "AlyxLike",
+    "Callback",
+    "EchoProtocol",
+    "EchoStats",
     "EchoTimeout",
+    "EndpointClosed",
     "ExpMessage",
     "ExpStatus",
     "FramingError",

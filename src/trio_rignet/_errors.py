@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "EchoTimeout",
+    "EndpointClosed",
     "FramingError",
     "MessageError",
     "PeerUnavailable",
@@ -77,6 +78,10 @@ class PeerUnavailable(RignetError, ConnectionError):
         self.peer = peer
         self.reason = reason
         super().__init__(f"{_fmt_addr(peer)}: {reason}")
+
+
+class EndpointClosed(RignetError, ConnectionError):
+    """The endpoint was closed: pending sends and waits end with this."""
 
 
 class RemoteError(RignetError, RuntimeError):

@@ -195,7 +195,7 @@ def decode(data: bytes) -> Any:
     """
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return data.decode(errors="replace")
 
 

@@ -13,6 +13,8 @@ import re
 import socket
 from typing import Any, Literal, NamedTuple
 
+import anyio
+
 from ._messages import LISTEN_PORT
 
 __all__ = ["hostname2ip", "is_valid_ip", "validate_uri"]
@@ -159,3 +161,18 @@ def split_uri(uri: str) -> Endpoint:
 def normalize_host(host: str) -> str:
     """Return the canonical text of an IP address, as sockets report it."""
     return str(ipaddress.ip_address(host))
+
+
+async def resolve_uri(uri: str | IPAddress) -> str:
+    """:func:`validate_uri` without blocking the event loop on DNS.
+
+    An IP address is validated inline; a host name is resolved in a worker
+    thread.
+    """
+    try:
+        text = validate_uri(uri, resolve_host=False)
+    except ValueError:
+        text = None
+    if text is not None and is_valid_ip(split_uri(text).host):
+        return text
+    return await anyio.to_thread.run_sync(validate_uri, uri)

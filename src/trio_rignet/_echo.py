@@ -1,0 +1,765 @@
+"""``EchoProtocol``: an endpoint that sends echo-confirmed signals and echoes what it receives.
+
+Structure: each endpoint is an async context manager owning a task group. The
+transport's receive task(s) run in an inner task group that :meth:`aclose`
+cancels; leaving the ``async with`` block closes the endpoint, waits for every
+task and closes every socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._errors import EchoTimeout, EndpointClosed, MessageError, PeerUnavailable, RemoteError
+from ._framing import DEFAULT_MAX_MESSAGE_SIZE
+from ._groups import collapse_single
+from ._messages import (
+    AlyxLike,
+    ExpMessage,
+    ExpStatus,
+    Message,
+    build_alyx,
+    build_cleanup,
+    build_error,
+    build_info,
+    build_init,
+    build_start,
+    build_status,
+    build_stop,
+    encode,
+    event_bits,
+    parse_message,
+)
+from ._transport import UDP_MAX_PAYLOAD, Address, Role, Transport, open_transport
+from ._uri import normalize_host, resolve_uri, split_uri
+
+__all__ = ["Callback", "EchoProtocol", "EchoStats"]
+
+log = logging.getLogger("trio_rignet.echo")
+
+Callback: TypeAlias = Callable[[Message], "Awaitable[Any] | Any"]
+"""A callback: a plain or async function taking the received :class:`Message`."""
+
+EventLike: TypeAlias = "str | int | ExpMessage"
+StatusLike: TypeAlias = "str | int | ExpStatus"
+
+_Waiter = MemoryObjectSendStream[BaseException | None]
+
+
+@dataclass
+class EchoStats:
+    """Counters of one endpoint (reset never; read any time).
+
+    Attributes:
+        sent: messages sent (confirmed, unconfirmed and error reports).
+        received: messages received, echoes included.
+        echoed: received messages echoed back.
+        confirmed: confirmed sends whose echo arrived.
+        timeouts: confirmed sends that timed out.
+        dropped: received messages dropped as malformed.
+        rtt_count: echo round trips measured.
+        rtt_total: sum of echo round-trip times, seconds.
+        rtt_min: shortest round trip, seconds (``inf`` before the first).
+        rtt_max: longest round trip, seconds.
+    """
+
+    sent: int = 0
+    received: int = 0
+    echoed: int = 0
+    confirmed: int = 0
+    timeouts: int = 0
+    dropped: int = 0
+    rtt_count: int = 0
+    rtt_total: float = 0.0
+    rtt_min: float = math.inf
+    rtt_max: float = 0.0
+
+    @property
+    def rtt_mean(self) -> float:
+        """Mean echo round-trip time in seconds (``nan`` before the first)."""
+        return self.rtt_total / self.rtt_count if self.rtt_count else math.nan
+
+
+class _Subscription:
+    __slots__ = ("addr", "dropped", "send")
+
+    def __init__(self, send: MemoryObjectSendStream[Message], addr: Address | None) -> None:
+        self.send = send
+        self.addr = addr
+        self.dropped = 0
+
+
+class EchoProtocol:
+    """An endpoint of the echo protocol over UDP or TCP.
+
+    Do not instantiate directly: use :meth:`server` or :meth:`client`, which
+    return async context managers::
+
+        async with EchoProtocol.client("udp://10.0.0.2:11001", name="video") as video:
+            await video.init({"subject": "mouse1"})
+
+    In the ``"server"`` role the URI is the local address to bind or listen on,
+    and every send names the peer ``addr``; in the ``"client"`` role the URI is
+    the one remote host this endpoint talks to (iblutil's naming).
+    """
+
+    default_echo_timeout: float = 1.0
+    """Seconds to wait for an echo when no timeout is passed (class default)."""
+
+    def __init__(
+        self,
+        server_uri: str,
+        role: Role,
+        *,
+        name: str | None = None,
+        logger: logging.Logger | None = None,
+        echo_timeout: float | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
+        if role not in ("client", "server"):
+            raise ValueError(f'role must be "server" or "client", not {role!r}')
+        self._server_uri = server_uri
+        self._role: Role = role
+        self.name: str = name or server_uri
+        """An arbitrary label used in logs and errors (defaults to the URI)."""
+        self.logger: logging.Logger = logger or log
+        """The logger this endpoint writes to (``trio_rignet.echo`` by default)."""
+        if echo_timeout is not None:
+            self.default_echo_timeout = _check_timeout(echo_timeout)
+        parts = split_uri(server_uri)
+        self._parts = parts
+        self._peer: Address = (parts.host, parts.port)
+        self._transport: Transport = open_transport(
+            parts.transport, role, parts.host, parts.port, max_message_size
+        )
+        self._pending: dict[tuple[Address, bytes], list[_Waiter]] = {}
+        self._subs: dict[int, list[_Subscription]] = {}
+        self._callbacks: dict[int, list[Callback]] = {}
+        self._addr_cache: dict[Address, Address] = {}
+        self._stats = EchoStats()
+        self._tg: TaskGroup | None = None
+        self._closing = False
+        self._stopped = anyio.Event()
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def server(
+        cls,
+        server_uri: str,
+        *,
+        name: str | None = None,
+        logger: logging.Logger | None = None,
+        echo_timeout: float | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> contextlib.AbstractAsyncContextManager[EchoProtocol]:
+        """Bind (UDP) or listen (TCP) on the local ``server_uri`` and talk to any peer.
+
+        Port 0 binds a free port: read it from :attr:`local_address`.
+
+        Args:
+            server_uri: local address, e.g. ``"udp://0.0.0.0:11001"`` or
+                ``"ws://127.0.0.1:0"`` (``ws://`` and ``tcp://`` are plain TCP).
+            name: a label for logs and errors.
+            logger: logger to use instead of ``trio_rignet.echo``.
+            echo_timeout: default seconds to wait for an echo (1.0).
+            max_message_size: longest TCP message accepted from a peer.
+
+        Raises:
+            ValueError, TypeError: invalid URI.
+            OSError: the address cannot be bound.
+        """
+        return cls._open(server_uri, "server", name, logger, echo_timeout, max_message_size)
+
+    @classmethod
+    def client(
+        cls,
+        server_uri: str,
+        *,
+        name: str | None = None,
+        logger: logging.Logger | None = None,
+        echo_timeout: float | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> contextlib.AbstractAsyncContextManager[EchoProtocol]:
+        """Talk to the one remote host at ``server_uri``.
+
+        Over TCP this connects first; over UDP nothing is sent until you send.
+        Arguments as for :meth:`server`.
+
+        Raises:
+            ValueError, TypeError: invalid URI.
+            PeerUnavailable: a TCP connection was refused.
+        """
+        return cls._open(server_uri, "client", name, logger, echo_timeout, max_message_size)
+
+    @classmethod
+    @asynccontextmanager
+    async def _open(
+        cls,
+        server_uri: str,
+        role: Role,
+        name: str | None,
+        logger: logging.Logger | None,
+        echo_timeout: float | None,
+        max_message_size: int,
+    ) -> AsyncIterator[EchoProtocol]:
+        uri = await resolve_uri(server_uri)
+        self = cls(
+            uri,
+            role,
+            name=name,
+            logger=logger,
+            echo_timeout=echo_timeout,
+            max_message_size=max_message_size,
+        )
+        with collapse_single():
+            async with anyio.create_task_group() as tg:
+                await tg.start(self._run)
+                try:
+                    yield self
+                finally:
+                    await self.aclose()
+
+    async def _run(self, *, task_status: TaskStatus[None]) -> None:
+        transport = self._transport
+        try:
+            await transport.open()
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                transport.start(tg, self)
+                if self._role == "server":
+                    self.logger.info("[%s] listening on %s", self.name, self.uri_of(transport.local_address))
+                task_status.started()
+        finally:
+            self._closing = True
+            self._fail_all(EndpointClosed(f"{self.name}: endpoint closed"))
+            with anyio.CancelScope(shield=True):
+                await transport.aclose()
+            self._stopped.set()
+
+    async def aclose(self) -> None:
+        """Close the endpoint: stop its tasks, close its sockets, fail pending waits.
+
+        Idempotent. Pending confirmed sends, :meth:`on_event` calls and
+        subscriptions end with :class:`~trio_rignet.EndpointClosed`. Leaving the
+        ``async with`` block calls this.
+
+        Cancellation: the endpoint is closed whatever happens; if the caller is
+        cancelled while waiting for the tasks to finish, they still finish
+        before the ``async with`` block exits.
+        """
+        if not self._closing:
+            self._closing = True
+            self._fail_all(EndpointClosed(f"{self.name}: endpoint closed"))
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+        await self._stopped.wait()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for waiters in self._pending.values():
+            for waiter in waiters:
+                _resolve(waiter, exc)
+        self._pending.clear()
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.send.close()
+        self._subs.clear()
+
+    # --------------------------------------------------------------- properties
+
+    @property
+    def role(self) -> Role:
+        """``"client"`` or ``"server"``."""
+        return self._role
+
+    @property
+    def server_uri(self) -> str:
+        """The validated URI: the peer for a client, the local address for a server."""
+        return self._server_uri
+
+    @property
+    def hostname(self) -> str:
+        """Host (IP address) of :attr:`server_uri`."""
+        return self._parts.host
+
+    @property
+    def port(self) -> int:
+        """Port of :attr:`server_uri` (0 if a server asked for any free port)."""
+        return self._parts.port
+
+    @property
+    def protocol(self) -> str:
+        """The URI scheme: ``"udp"``, ``"ws"``, ``"wss"`` or ``"tcp"``."""
+        return self._parts.scheme
+
+    @property
+    def local_address(self) -> Address:
+        """``(host, port)`` actually bound: the real port when port 0 was asked for."""
+        return self._transport.local_address
+
+    @property
+    def is_connected(self) -> bool:
+        """True while open (a TCP client: while its connection is up)."""
+        return not self._closing and self._transport.is_connected
+
+    @property
+    def stats(self) -> EchoStats:
+        """Message counters and echo round-trip times."""
+        return self._stats
+
+    def uri_of(self, addr: Address) -> str:
+        """Return ``addr`` as a URI with this endpoint's scheme."""
+        host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+        return f"{self.protocol}://{host}:{addr[1]}"
+
+    def awaiting_response(self, addr: Address | None = None) -> bool:
+        """True if a confirmed send (to ``addr``, or to anyone) awaits its echo."""
+        if addr is None:
+            return any(self._pending.values())
+        addr = self._normalize(addr)
+        return any(waiters for (a, _), waiters in self._pending.items() if a == addr)
+
+    def __repr__(self) -> str:
+        return f"<EchoProtocol {self._role} {self.name!r} {self._server_uri}>"
+
+    # ------------------------------------------------------------------ sending
+
+    def _target(self, addr: Address | None) -> Address:
+        if self._role == "server":
+            if not addr:
+                raise TypeError(
+                    "a server endpoint talks to many peers: pass addr=(host, port) of the peer"
+                )
+            return self._normalize(addr)
+        if addr is None:
+            return self._peer
+        norm = self._normalize(addr)
+        if norm != self._peer:
+            raise ValueError(
+                f"Unexpected remote address {addr!r}: this client talks only to {self._peer!r}; "
+                "omit addr"
+            )
+        return norm
+
+    def _normalize(self, addr: Address) -> Address:
+        cached = self._addr_cache.get(addr)
+        if cached is not None:
+            return cached
+        try:
+            host, port = addr
+            norm = (normalize_host(host), int(port))
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"addr must be a (host, port) tuple with an IP address, got {addr!r}"
+            ) from None
+        if len(self._addr_cache) < 1024:
+            self._addr_cache[addr] = norm
+        return norm
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise EndpointClosed(f"{self.name}: endpoint is closed")
+
+    def _check_size(self, payload: bytes) -> None:
+        if self._transport.kind == "udp" and len(payload) > UDP_MAX_PAYLOAD:
+            raise ValueError(
+                f"message of {len(payload)} bytes exceeds the UDP limit of {UDP_MAX_PAYLOAD} "
+                "bytes; use a ws:// (TCP) URI for large messages"
+            )
+
+    async def send(self, data: Any, addr: Address | None = None) -> None:
+        """Send a message without waiting for its echo.
+
+        ``data`` is encoded with :func:`~trio_rignet.encode` (bytes pass
+        through). Cancellation: the message was sent or not, nothing is left
+        registered.
+
+        Raises:
+            TypeError, ValueError: as :meth:`confirmed_send`.
+            PeerUnavailable: the peer cannot be reached.
+        """
+        self._check_open()
+        target = self._target(addr)
+        payload = encode(data)
+        self._check_size(payload)
+        await anyio.lowlevel.checkpoint()
+        await self._transport.send(payload, target)
+        self._stats.sent += 1
+
+    async def confirmed_send(
+        self, data: Any, addr: Address | None = None, timeout: float | None = None
+    ) -> None:
+        """Send a message and wait until the peer echoes it back.
+
+        Several confirmed sends may be in flight at once, to one peer or many.
+        The signal methods (:meth:`init`, :meth:`start`, ...) call this.
+
+        Args:
+            data: the message (encoded with :func:`~trio_rignet.encode`).
+            addr: the peer ``(host, port)``; required for a server, optional for
+                a client (and then it must be the client's peer).
+            timeout: seconds to wait for the echo (default
+                :attr:`default_echo_timeout`).
+
+        Raises:
+            EchoTimeout: no echo within ``timeout``; the endpoint stays usable.
+            PeerUnavailable: the peer disconnected or refuses datagrams.
+            EndpointClosed: the endpoint was closed meanwhile.
+            TypeError: a server was not given ``addr``.
+            ValueError: ``addr`` is not a client's peer, ``timeout`` is not
+                positive, or a UDP message is over 65507 bytes.
+
+        Cancellation: the message may or may not have been sent; the wait for
+        its echo is removed, so a late echo is ignored.
+        """
+        self._check_open()
+        target = self._target(addr)
+        timeout = self.default_echo_timeout if timeout is None else _check_timeout(timeout)
+        payload = encode(data)
+        self._check_size(payload)
+        waiter, receiver = anyio.create_memory_object_stream[BaseException | None](1)
+        key = (target, payload)
+        waiters = self._pending.get(key)
+        if waiters is None:
+            self._pending[key] = [waiter]
+        else:
+            waiters.append(waiter)
+        stats = self._stats
+        start = anyio.current_time()
+        try:
+            with receiver:
+                await self._transport.send(payload, target)
+                stats.sent += 1
+                try:
+                    with anyio.fail_after(timeout):
+                        result = await receiver.receive()
+                except TimeoutError:
+                    stats.timeouts += 1
+                    raise EchoTimeout(self.name, target, timeout) from None
+                except anyio.EndOfStream:  # pragma: no cover - waiters always get a value
+                    result = EndpointClosed(f"{self.name}: endpoint closed")
+        finally:
+            waiters = self._pending.get(key)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._pending[key]
+            waiter.close()
+        if result is not None:
+            raise result
+        rtt = anyio.current_time() - start
+        stats.confirmed += 1
+        stats.rtt_count += 1
+        stats.rtt_total += rtt
+        stats.rtt_min = min(stats.rtt_min, rtt)
+        stats.rtt_max = max(stats.rtt_max, rtt)
+
+    async def init(self, data: Any = None, addr: Address | None = None) -> None:
+        """Signal EXPINIT ``[1, data]`` and wait for its echo (see :meth:`confirmed_send`)."""
+        await self.confirmed_send(build_init(data), addr)
+
+    async def start(
+        self, exp_ref: str | Mapping[str, Any] | None, data: Any = None, addr: Address | None = None
+    ) -> None:
+        """Signal EXPSTART ``[2, exp_ref, data]`` and wait for its echo.
+
+        ``exp_ref`` is ``"yyyy-mm-dd_n_subject"`` or a dict with ``date``,
+        ``sequence`` and ``subject``.
+        """
+        await self.confirmed_send(build_start(exp_ref, data), addr)
+
+    async def stop(
+        self, data: Any = None, immediately: bool = False, addr: Address | None = None
+    ) -> None:
+        """Signal EXPEND ``[4, data]`` (EXPINTERRUPT ``[16, data]`` if ``immediately``)."""
+        await self.confirmed_send(build_stop(data, immediately), addr)
+
+    async def cleanup(self, data: Any = None, addr: Address | None = None) -> None:
+        """Signal EXPCLEANUP ``[8, data]`` and wait for its echo."""
+        await self.confirmed_send(build_cleanup(data), addr)
+
+    async def status(self, status: StatusLike, addr: Address | None = None) -> None:
+        """Send EXPSTATUS ``[32, status]`` and wait for its echo."""
+        await self.confirmed_send(build_status(status), addr)
+
+    async def info(self, status: StatusLike, data: Any = None, addr: Address | None = None) -> None:
+        """Send EXPINFO ``[64, status, data]`` and wait for its echo."""
+        await self.confirmed_send(build_info(status, data), addr)
+
+    async def alyx(
+        self, alyx: AlyxLike | None = None, addr: Address | None = None
+    ) -> tuple[str, dict[str, Any]] | None:
+        """Send a logged-in Alyx client's token, or request one from the peer.
+
+        With a logged-in ``alyx`` (duck-typed: ``base_url``, ``user``,
+        ``_token``, ``is_logged_in``) this sends ``[128, base_url, {user: token}]``
+        and returns None. Otherwise it sends a request ``[128, base_url, {}]``
+        and waits, without timeout (wrap in ``anyio.fail_after``), for the peer's
+        ALYX message, returning ``(base_url, {user: token})``.
+
+        The token travels in clear text, as in iblutil.
+        """
+        payload = build_alyx(alyx)
+        if alyx is not None and alyx.is_logged_in and alyx.base_url:
+            await self.confirmed_send(payload, addr)
+            return None
+        target = self._target(addr)
+        async with self._subscribe((int(ExpMessage.ALYX),), target) as replies:
+            await self.confirmed_send(payload, target)
+            async for msg in replies:
+                base_url = msg.data[0] if msg.data else None
+                token = msg.data[1] if len(msg.data) > 1 else {}
+                return base_url, token
+        raise EndpointClosed(f"{self.name}: endpoint closed while awaiting an Alyx token")
+
+    # ---------------------------------------------------------------- receiving
+
+    async def message_received(self, raw: bytes, addr: Address) -> None:
+        """Transport callback: route an echo to its waiter, else echo and dispatch."""
+        self._stats.received += 1
+        waiters = self._pending.get((addr, raw))
+        if waiters:
+            # An echo: wake the oldest sender of these bytes to this peer.
+            while waiters:
+                if _resolve(waiters.pop(0), None):
+                    break
+            if not waiters:
+                del self._pending[(addr, raw)]
+            return
+        try:
+            msg = parse_message(raw, addr)
+        except MessageError as exc:
+            self._stats.dropped += 1
+            self.logger.warning(
+                "[%s] dropped a malformed message from %s: %s", self.name, self.uri_of(addr), exc
+            )
+            return
+        if msg.event:
+            try:
+                await self._transport.send(raw, addr)
+            except PeerUnavailable as exc:
+                self.logger.warning("[%s] could not echo to %s: %s", self.name, addr, exc)
+            else:
+                self._stats.echoed += 1
+                self._stats.sent += 1
+        else:
+            self.logger.error(
+                "[%s] %s reported an error handling %s: %s",
+                self.name,
+                self.uri_of(addr),
+                msg.data[1],
+                msg.data[0],
+            )
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("[%s] received %r from %s", self.name, raw, self.uri_of(addr))
+        await self._dispatch(msg)
+
+    def peer_lost(self, addr: Address, reason: str) -> None:
+        """Transport callback: fail every pending send to ``addr`` at once."""
+        exc = PeerUnavailable(addr, reason)
+        self.logger.info("[%s] %s: %s", self.name, self.uri_of(addr), reason)
+        for key in [k for k in self._pending if k[0] == addr]:
+            for waiter in self._pending.pop(key):
+                _resolve(waiter, exc)
+
+    async def _dispatch(self, msg: Message) -> None:
+        code = int(msg.event)
+        subs = self._subs.get(code)
+        if subs:
+            for sub in subs:
+                if sub.addr is None or sub.addr == msg.addr:
+                    try:
+                        sub.send.send_nowait(msg)
+                    except anyio.WouldBlock:
+                        sub.dropped += 1
+                        self.logger.warning(
+                            "[%s] subscriber buffer full: dropped %s from %s",
+                            self.name,
+                            msg.event.name,
+                            msg.addr,
+                        )
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        pass
+        callbacks = self._callbacks.get(code)
+        if not callbacks:
+            return
+        for callback in list(callbacks):
+            if inspect.iscoroutinefunction(callback):
+                assert self._tg is not None
+                self._tg.start_soon(self._run_async_callback, callback, msg)
+                continue
+            try:
+                result = callback(msg)
+                if inspect.isawaitable(result):
+                    assert self._tg is not None
+                    self._tg.start_soon(self._await_callback_result, callback, msg, result)
+            except Exception as exc:
+                await self._report_callback_error(callback, msg, exc)
+
+    async def _run_async_callback(self, callback: Callback, msg: Message) -> None:
+        try:
+            await callback(msg)
+        except Exception as exc:
+            await self._report_callback_error(callback, msg, exc)
+
+    async def _await_callback_result(
+        self, callback: Callback, msg: Message, result: Awaitable[Any]
+    ) -> None:
+        try:
+            await result
+        except Exception as exc:
+            await self._report_callback_error(callback, msg, exc)
+
+    async def _report_callback_error(
+        self, callback: Callback, msg: Message, exc: Exception
+    ) -> None:
+        self.logger.error(
+            "[%s] callback %r for %s failed: %s: %s",
+            self.name,
+            callback,
+            msg.event.name,
+            type(exc).__name__,
+            exc,
+        )
+        if msg.event and msg.addr is not None:
+            try:
+                await self._transport.send(build_error(exc, msg.event), msg.addr)
+                self._stats.sent += 1
+            except PeerUnavailable as send_exc:
+                self.logger.warning(
+                    "[%s] could not report the error to %s: %s", self.name, msg.addr, send_exc
+                )
+
+    # ------------------------------------------------------------------- events
+
+    @asynccontextmanager
+    async def subscribe(
+        self, event: EventLike, *, max_buffer: int = 1024
+    ) -> AsyncIterator[AsyncIterator[Message]]:
+        """Receive every message of ``event`` (or of any of ``a | b``) from now on.
+
+        Registered on entry, so nothing that arrives after entering the block
+        is missed::
+
+            async with rig.subscribe(ExpMessage.EXPSTART | ExpMessage.EXPEND) as messages:
+                async for msg in messages:
+                    ...
+
+        Args:
+            event: an event or a bitwise combination; ``0`` for error reports.
+            max_buffer: messages held while the consumer lags; beyond that new
+                ones are dropped with a warning (the receive loop never blocks).
+
+        The iterator ends when the endpoint closes. Leaving the block
+        unregisters the subscription.
+        """
+        async with self._subscribe(_event_codes(event), None, max_buffer) as messages:
+            yield messages
+
+    @asynccontextmanager
+    async def _subscribe(
+        self, codes: tuple[int, ...], addr: Address | None, max_buffer: int = 1024
+    ) -> AsyncIterator[MemoryObjectReceiveStream[Message]]:
+        self._check_open()
+        send, receive = anyio.create_memory_object_stream[Message](max_buffer)
+        sub = _Subscription(send, addr)
+        for code in codes:
+            self._subs.setdefault(code, []).append(sub)
+        try:
+            with receive:
+                yield receive
+        finally:
+            send.close()
+            for code in codes:
+                subs = self._subs.get(code)
+                if subs is not None and sub in subs:
+                    subs.remove(sub)
+                    if not subs:
+                        del self._subs[code]
+
+    async def on_event(self, event: EventLike) -> Message:
+        """Wait for the next message of ``event`` (or of any event in ``a | b``).
+
+        Registered when called; to be sure not to miss a reply to something
+        you send, use :meth:`subscribe` around the send instead. No timeout:
+        wrap in ``anyio.fail_after``.
+
+        Raises:
+            EndpointClosed: the endpoint closed first.
+
+        Cancellation: the wait is unregistered.
+        """
+        async with self.subscribe(event) as messages:
+            async for msg in messages:
+                return msg
+        raise EndpointClosed(f"{self.name}: endpoint closed while awaiting {event!r}")
+
+    def assign_callback(self, event: EventLike, callback: Callback) -> None:
+        """Call ``callback(message)`` for every message of ``event`` (or ``a | b``).
+
+        Plain functions run inline in the receive task (keep them short);
+        async functions run as tasks in the endpoint's task group and never
+        block receiving. If a callback raises, the error is logged, the sender
+        gets an error report ``[0, "Type: text", event]``, and the other
+        callbacks still run.
+
+        Raises:
+            TypeError: ``callback`` is not callable, or ``event`` is invalid.
+            ValueError: ``event`` is unknown.
+        """
+        if not callable(callback):
+            raise TypeError(f"callback must be a function or async function, not {callback!r}")
+        for code in _event_codes(event):
+            self._callbacks.setdefault(code, []).append(callback)
+
+    def clear_callbacks(self, event: EventLike, callback: Callback | None = None) -> int:
+        """Remove ``callback`` (or all callbacks) for ``event``; return how many were removed."""
+        removed = 0
+        for code in _event_codes(event):
+            callbacks = self._callbacks.get(code)
+            if not callbacks:
+                continue
+            if callback is None:
+                removed += len(callbacks)
+                callbacks.clear()
+            else:
+                kept = [cb for cb in callbacks if cb != callback]
+                removed += len(callbacks) - len(kept)
+                callbacks[:] = kept
+            if not callbacks:
+                del self._callbacks[code]
+        return removed
+
+
+def _event_codes(event: EventLike) -> tuple[int, ...]:
+    value = ExpMessage.validate(event)
+    if not value:
+        return (0,)
+    return tuple(int(bit) for bit in event_bits(value))
+
+
+def _check_timeout(timeout: float) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"Timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def _resolve(waiter: _Waiter, value: BaseException | None) -> bool:
+    """Deliver ``value`` to a confirmed send's waiter; False if it is gone."""
+    try:
+        waiter.send_nowait(value)
+    except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+        return False
+    return True
+

@@ -1,0 +1,312 @@
+"""UDP and TCP transports on AnyIO: the only module that touches sockets.
+
+A transport delivers each framed message to a :class:`Handler` from a receive
+task (one per connection) and sends bytes to an address. It knows nothing of
+echoes or events.
+
+UDP uses a non-blocking standard socket driven by ``anyio.wait_readable``:
+a datagram send is a single system call, so concurrent senders never contend
+for a lock, and every wake-up drains all queued datagrams. TCP uses AnyIO
+socket streams, framed with :class:`~trio_rignet.StreamDecoder`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from abc import ABC, abstractmethod
+from typing import Literal, Protocol
+
+import anyio
+from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup
+
+from ._errors import FramingError, PeerUnavailable
+from ._framing import StreamDecoder
+
+__all__ = ["Address", "Handler", "TCPTransport", "Transport", "UDPTransport", "open_transport"]
+
+Address = tuple[str, int]
+Role = Literal["client", "server"]
+
+log = logging.getLogger("trio_rignet.transport")
+
+UDP_MAX_PAYLOAD = 65507
+"""The largest UDP payload over IPv4."""
+
+_DRAIN = 256  # datagrams handled per wake-up before yielding to other tasks
+
+
+class Handler(Protocol):
+    """What a transport calls: implemented by the echo layer."""
+
+    async def message_received(self, raw: bytes, addr: Address) -> None:
+        """One complete message arrived from ``addr``."""
+
+    def peer_lost(self, addr: Address, reason: str) -> None:
+        """``addr`` cannot be reached any more (disconnected or refused)."""
+
+
+class Transport(ABC):
+    """A bound or connected socket (or listener) and its receive tasks."""
+
+    kind: Literal["udp", "tcp"]
+
+    def __init__(self, role: Role, host: str, port: int) -> None:
+        self.role = role
+        self.host = host
+        self.port = port
+        self.local_address: Address = ("", 0)
+        self._closed = False
+
+    @property
+    def peer(self) -> Address:
+        """The remote address of a client transport."""
+        return (self.host, self.port)
+
+    @property
+    @abstractmethod
+    def is_connected(self) -> bool:
+        """True while the transport can send."""
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Bind, listen or connect. Raises ``OSError`` on failure."""
+
+    @abstractmethod
+    def start(self, tg: TaskGroup, handler: Handler) -> None:
+        """Start the receive task(s) in ``tg``."""
+
+    @abstractmethod
+    async def send(self, data: bytes, addr: Address) -> None:
+        """Send one message to ``addr``.
+
+        Raises:
+            PeerUnavailable: the peer is not connected or refuses datagrams.
+        """
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Close every socket. Idempotent. Call after the receive tasks ended."""
+
+
+def open_transport(kind: str, role: Role, host: str, port: int, max_message_size: int) -> Transport:
+    """Return an unopened transport for ``kind`` ``"udp"`` or ``"tcp"``."""
+    if kind == "udp":
+        return UDPTransport(role, host, port)
+    return TCPTransport(role, host, port, max_message_size)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+class UDPTransport(Transport):
+    """One UDP socket: bound for a server, connected to the peer for a client."""
+
+    kind = "udp"
+
+    def __init__(self, role: Role, host: str, port: int) -> None:
+        super().__init__(role, host, port)
+        self._sock: socket.socket | None = None
+
+    @property
+    def is_connected(self) -> bool:
+        return self._sock is not None and not self._closed
+
+    async def open(self) -> None:
+        sock = socket.socket(_family(self.host), socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if self.role == "server":
+                sock.bind((self.host, self.port))
+            else:
+                sock.connect((self.host, self.port))
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self.local_address = sock.getsockname()[:2]
+        await anyio.lowlevel.checkpoint()
+
+    def start(self, tg: TaskGroup, handler: Handler) -> None:
+        tg.start_soon(self._receive_loop, handler, name=f"udp receive {self.local_address}")
+
+    async def _receive_loop(self, handler: Handler) -> None:
+        sock = self._sock
+        assert sock is not None
+        recvfrom = sock.recvfrom
+        while True:
+            await anyio.wait_readable(sock)
+            for _ in range(_DRAIN):
+                try:
+                    data, addr = recvfrom(65536)
+                except BlockingIOError:
+                    break
+                except ConnectionRefusedError:
+                    # ICMP port unreachable on a connected socket: the peer has
+                    # nothing listening. Keep receiving; fail pending sends now.
+                    handler.peer_lost(self.peer, "nothing is listening there (connection refused)")
+                    continue
+                except OSError as exc:  # pragma: no cover - e.g. ENOBUFS
+                    log.warning("UDP receive on %s failed: %s", self.local_address, exc)
+                    continue
+                await handler.message_received(data, addr[:2])
+
+    async def send(self, data: bytes, addr: Address) -> None:
+        sock = self._sock
+        if sock is None or self._closed:
+            raise PeerUnavailable(addr, "the endpoint is closed")
+        while True:
+            try:
+                if self.role == "server":
+                    sock.sendto(data, addr)
+                else:
+                    sock.send(data)
+            except BlockingIOError:
+                await anyio.wait_writable(sock)
+            except ConnectionRefusedError:
+                raise PeerUnavailable(
+                    addr, "nothing is listening there (connection refused)"
+                ) from None
+            except OSError as exc:
+                if exc.errno == errno.EMSGSIZE:
+                    raise ValueError(
+                        f"message of {len(data)} bytes is too large for UDP; use a ws:// "
+                        "(TCP) URI for large messages"
+                    ) from None
+                raise PeerUnavailable(addr, f"send failed: {exc}") from exc
+            else:
+                return
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._sock is not None:
+            self._sock.close()
+        await anyio.lowlevel.checkpoint_if_cancelled()
+
+
+class _Connection:
+    """One TCP stream: its peer, decoder and send lock."""
+
+    __slots__ = ("decoder", "lock", "peer", "stream")
+
+    def __init__(self, stream: SocketStream, peer: Address, max_message_size: int) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.decoder = StreamDecoder(max_message_size)
+        self.lock = anyio.Lock()
+
+
+class TCPTransport(Transport):
+    """A listener and its accepted streams (server), or one stream (client)."""
+
+    kind = "tcp"
+
+    def __init__(self, role: Role, host: str, port: int, max_message_size: int) -> None:
+        super().__init__(role, host, port)
+        self.max_message_size = max_message_size
+        self._listener: SocketListener | None = None
+        self._conns: dict[Address, _Connection] = {}
+        self._client_conn: _Connection | None = None
+
+    @property
+    def is_connected(self) -> bool:
+        if self._closed:
+            return False
+        if self.role == "server":
+            return self._listener is not None
+        return self._client_conn is not None
+
+    async def open(self) -> None:
+        if self.role == "server":
+            multi = await anyio.create_tcp_listener(local_host=self.host, local_port=self.port)
+            self._listener = multi.listeners[0]
+            self.local_address = self._listener.extra(SocketAttribute.local_address)[:2]  # type: ignore[index]
+        else:
+            try:
+                stream = await anyio.connect_tcp(self.host, self.port)
+            except OSError as exc:
+                raise PeerUnavailable(self.peer, f"cannot connect over TCP: {exc}") from exc
+            self.local_address = stream.extra(SocketAttribute.local_address)[:2]  # type: ignore[index]
+            self._client_conn = _Connection(stream, self.peer, self.max_message_size)
+
+    def start(self, tg: TaskGroup, handler: Handler) -> None:
+        if self._listener is not None:
+            tg.start_soon(self._accept_loop, tg, handler, name=f"tcp accept {self.local_address}")
+        elif self._client_conn is not None:
+            tg.start_soon(self._receive_loop, self._client_conn, handler)
+
+    async def _accept_loop(self, tg: TaskGroup, handler: Handler) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                stream = await self._listener.accept()
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                return
+            except OSError as exc:  # pragma: no cover - EMFILE and friends
+                log.warning("TCP accept on %s failed: %s", self.local_address, exc)
+                await anyio.sleep(0.1)
+                continue
+            peer = stream.extra(SocketAttribute.remote_address)[:2]  # type: ignore[index]
+            conn = _Connection(stream, peer, self.max_message_size)
+            self._conns[peer] = conn
+            tg.start_soon(self._receive_loop, conn, handler, name=f"tcp receive {peer}")
+
+    async def _receive_loop(self, conn: _Connection, handler: Handler) -> None:
+        reason = "closed the connection"
+        try:
+            while True:
+                try:
+                    chunk = await conn.stream.receive()
+                except anyio.EndOfStream:
+                    conn.decoder.eof()
+                    break
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    break
+                for raw in conn.decoder.feed(chunk):
+                    await handler.message_received(raw, conn.peer)
+        except FramingError as exc:
+            reason = f"sent a stream that cannot be framed ({exc}); disconnected"
+            log.warning("TCP peer %s %s", conn.peer, reason)
+        finally:
+            if self._conns.get(conn.peer) is conn:
+                del self._conns[conn.peer]
+            if conn is self._client_conn:
+                self._client_conn = None
+            with anyio.CancelScope(shield=True):
+                await conn.stream.aclose()
+        handler.peer_lost(conn.peer, reason)
+
+    def _connection(self, addr: Address) -> _Connection:
+        conn = self._client_conn if self.role == "client" else self._conns.get(addr)
+        if conn is None:
+            if self._closed:
+                raise PeerUnavailable(addr, "the endpoint is closed")
+            raise PeerUnavailable(addr, "not connected (the TCP peer disconnected)")
+        return conn
+
+    async def send(self, data: bytes, addr: Address) -> None:
+        conn = self._connection(addr)
+        try:
+            async with conn.lock:
+                await conn.stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            raise PeerUnavailable(addr, "the TCP connection was lost") from exc
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        conns = list(self._conns.values())
+        if self._client_conn is not None:
+            conns.append(self._client_conn)
+        self._conns.clear()
+        self._client_conn = None
+        with anyio.CancelScope(shield=True):
+            for conn in conns:
+                await conn.stream.aclose()
+            if self._listener is not None:
+                await self._listener.aclose()
