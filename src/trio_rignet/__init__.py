@@ -7,6 +7,7 @@ private.
 
 from __future__ import annotations
 
+from ._echo import Callback, EchoProtocol, EchoStats
 from ._errors import (
     EchoTimeout,
     EndpointClosed,
@@ -16,7 +17,6 @@ from ._errors import (
     RemoteError,
     RignetError,
 )
-from ._echo import Callback, EchoProtocol, EchoStats
 from ._framing import StreamDecoder
 from ._messages import (
     LISTEN_PORT,

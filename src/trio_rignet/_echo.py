@@ -15,13 +15,13 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import Any, TypeAlias
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._errors import EchoTimeout, EndpointClosed, MessageError, PeerUnavailable, RemoteError
+from ._errors import EchoTimeout, EndpointClosed, MessageError, PeerUnavailable
 from ._framing import DEFAULT_MAX_MESSAGE_SIZE
 from ._groups import collapse_single
 from ._messages import (
@@ -239,7 +239,9 @@ class EchoProtocol:
                 self._tg = tg
                 transport.start(tg, self)
                 if self._role == "server":
-                    self.logger.info("[%s] listening on %s", self.name, self.uri_of(transport.local_address))
+                    self.logger.info(
+                        "[%s] listening on %s", self.name, self.uri_of(transport.local_address)
+                    )
                 task_status.started()
         finally:
             self._closing = True
@@ -499,7 +501,7 @@ class EchoProtocol:
 
     async def alyx(
         self, alyx: AlyxLike | None = None, addr: Address | None = None
-    ) -> tuple[str, dict[str, Any]] | None:
+    ) -> tuple[str | None, dict[str, Any]] | None:
         """Send a logged-in Alyx client's token, or request one from the peer.
 
         With a logged-in ``alyx`` (duck-typed: ``base_url``, ``user``,
@@ -519,7 +521,7 @@ class EchoProtocol:
             await self.confirmed_send(payload, target)
             async for msg in replies:
                 base_url = msg.data[0] if msg.data else None
-                token = msg.data[1] if len(msg.data) > 1 else {}
+                token = msg.data[1] if len(msg.data) > 1 and isinstance(msg.data[1], dict) else {}
                 return base_url, token
         raise EndpointClosed(f"{self.name}: endpoint closed while awaiting an Alyx token")
 
@@ -762,4 +764,3 @@ def _resolve(waiter: _Waiter, value: BaseException | None) -> bool:
     except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
         return False
     return True
-

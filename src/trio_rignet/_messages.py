@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 from ._errors import MessageError
 
@@ -182,9 +182,8 @@ def encode(obj: Any) -> bytes:
         return obj
     if isinstance(obj, bytearray):
         return bytes(obj)
-    if not isinstance(obj, str):
-        obj = json.dumps(obj)
-    return obj.encode()
+    text = obj if isinstance(obj, str) else json.dumps(obj)
+    return text.encode()
 
 
 def decode(data: bytes) -> Any:
@@ -223,9 +222,7 @@ def format_exp_ref(exp_ref: str | Mapping[str, Any] | None) -> str | None:
         try:
             seq = int(sequence)
         except (TypeError, ValueError):
-            raise ValueError(
-                f"exp_ref sequence must be an integer, got {sequence!r}"
-            ) from None
+            raise ValueError(f"exp_ref sequence must be an integer, got {sequence!r}") from None
         return f"{date}_{seq}_{subject}"
     raise TypeError(
         "exp_ref must be a string like '2022-01-01_1_subject' or a dict with "
@@ -248,7 +245,7 @@ class AlyxLike(Protocol):
     _token: Any
 
 
-StatusLike = Union[str, int, ExpStatus]
+StatusLike = str | int | ExpStatus
 
 
 # Builders: each returns exactly the bytes iblutil 1.20.0 sends.
@@ -349,8 +346,7 @@ def parse_message(raw: bytes, addr: Address | None = None) -> Message:
         if type(code) is int and code == 0:
             return _parse_error(obj, addr)
         raise MessageError(
-            f"unknown or compound event code {code!r}; expected 0 or one of "
-            f"{tuple(_BY_CODE)}"
+            f"unknown or compound event code {code!r}; expected 0 or one of {tuple(_BY_CODE)}"
         )
     return Message(event, obj[1:], addr)
 

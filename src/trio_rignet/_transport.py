@@ -97,6 +97,12 @@ def open_transport(kind: str, role: Role, host: str, port: int, max_message_size
     return TCPTransport(role, host, port, max_message_size)
 
 
+def _ip_addr(sockaddr: object) -> Address:
+    """``(host, port)`` of an IPv4 or IPv6 socket address."""
+    assert isinstance(sockaddr, tuple)
+    return (str(sockaddr[0]), int(sockaddr[1]))
+
+
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
@@ -126,7 +132,7 @@ class UDPTransport(Transport):
             sock.close()
             raise
         self._sock = sock
-        self.local_address = sock.getsockname()[:2]
+        self.local_address = _ip_addr(sock.getsockname())
         await anyio.lowlevel.checkpoint()
 
     def start(self, tg: TaskGroup, handler: Handler) -> None:
@@ -223,14 +229,16 @@ class TCPTransport(Transport):
     async def open(self) -> None:
         if self.role == "server":
             multi = await anyio.create_tcp_listener(local_host=self.host, local_port=self.port)
-            self._listener = multi.listeners[0]
-            self.local_address = self._listener.extra(SocketAttribute.local_address)[:2]  # type: ignore[index]
+            listener = multi.listeners[0]
+            assert isinstance(listener, SocketListener)
+            self._listener = listener
+            self.local_address = _ip_addr(listener.extra(SocketAttribute.local_address))
         else:
             try:
                 stream = await anyio.connect_tcp(self.host, self.port)
             except OSError as exc:
                 raise PeerUnavailable(self.peer, f"cannot connect over TCP: {exc}") from exc
-            self.local_address = stream.extra(SocketAttribute.local_address)[:2]  # type: ignore[index]
+            self.local_address = _ip_addr(stream.extra(SocketAttribute.local_address))
             self._client_conn = _Connection(stream, self.peer, self.max_message_size)
 
     def start(self, tg: TaskGroup, handler: Handler) -> None:
@@ -250,7 +258,7 @@ class TCPTransport(Transport):
                 log.warning("TCP accept on %s failed: %s", self.local_address, exc)
                 await anyio.sleep(0.1)
                 continue
-            peer = stream.extra(SocketAttribute.remote_address)[:2]  # type: ignore[index]
+            peer = _ip_addr(stream.extra(SocketAttribute.remote_address))
             conn = _Connection(stream, peer, self.max_message_size)
             self._conns[peer] = conn
             tg.start_soon(self._receive_loop, conn, handler, name=f"tcp receive {peer}")
