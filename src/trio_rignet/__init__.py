@@ -30,6 +30,8 @@ from ._messages import (
     format_exp_ref,
     parse_message,
 )
+from ._rig import RigHandler, RigService
+from ._services import CompletionTimeout, Services, ServicesError
 from ._uri import hostname2ip, is_valid_ip, validate_uri
 
 __version__ = "0.1.0"
@@ -39,6 +41,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "AlyxLike",
     "Callback",
+    "CompletionTimeout",
     "EchoProtocol",
     "EchoStats",
     "EchoTimeout",
@@ -50,7 +53,11 @@ __all__ = [
     "MessageError",
     "PeerUnavailable",
     "RemoteError",
+    "RigHandler",
+    "RigService",
     "RignetError",
+    "Services",
+    "ServicesError",
     "StreamDecoder",
     "__version__",
     "decode",

@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -55,6 +56,9 @@ EventLike: TypeAlias = "str | int | ExpMessage"
 StatusLike: TypeAlias = "str | int | ExpStatus"
 
 _Waiter = MemoryObjectSendStream[BaseException | None]
+
+_LATE_ECHOES = 256
+"""Payloads remembered per endpoint whose echo may still arrive after giving up."""
 
 
 @dataclass
@@ -147,6 +151,7 @@ class EchoProtocol:
         self._subs: dict[int, list[_Subscription]] = {}
         self._callbacks: dict[int, list[Callback]] = {}
         self._addr_cache: dict[Address, Address] = {}
+        self._late: OrderedDict[tuple[Address, bytes], int] = OrderedDict()
         self._stats = EchoStats()
         self._tg: TaskGroup | None = None
         self._closing = False
@@ -430,6 +435,16 @@ class EchoProtocol:
         timeout = self.default_echo_timeout if timeout is None else _check_timeout(timeout)
         payload = encode(data)
         self._check_size(payload)
+        await self._confirmed_send(payload, target, timeout)
+
+    async def _confirmed_send(
+        self,
+        payload: bytes,
+        target: Address,
+        timeout: float,
+        on_sent: Callable[[], object] | None = None,
+    ) -> None:
+        """Confirmed send of checked arguments; ``on_sent()`` runs once the bytes are out."""
         waiter, receiver = anyio.create_memory_object_stream[BaseException | None](1)
         key = (target, payload)
         waiters = self._pending.get(key)
@@ -439,24 +454,30 @@ class EchoProtocol:
             waiters.append(waiter)
         stats = self._stats
         start = anyio.current_time()
+        result: BaseException | None = None
         try:
             with receiver:
                 await self._transport.send(payload, target)
                 stats.sent += 1
+                if on_sent is not None:
+                    on_sent()
                 try:
                     with anyio.fail_after(timeout):
                         result = await receiver.receive()
                 except TimeoutError:
                     stats.timeouts += 1
                     raise EchoTimeout(self.name, target, timeout) from None
-                except anyio.EndOfStream:  # pragma: no cover - waiters always get a value
-                    result = EndpointClosed(f"{self.name}: endpoint closed")
         finally:
             waiters = self._pending.get(key)
             if waiters is not None and waiter in waiters:
+                # No echo came (timeout, cancellation or error): remember the
+                # payload so a late echo is swallowed instead of being taken
+                # for a new message and echoed back (an endless ping-pong with
+                # a peer that is no longer waiting either).
                 waiters.remove(waiter)
                 if not waiters:
                     del self._pending[key]
+                self._bury(key)
             waiter.close()
         if result is not None:
             raise result
@@ -466,6 +487,13 @@ class EchoProtocol:
         stats.rtt_total += rtt
         stats.rtt_min = min(stats.rtt_min, rtt)
         stats.rtt_max = max(stats.rtt_max, rtt)
+
+    def _bury(self, key: tuple[Address, bytes]) -> None:
+        late = self._late
+        late[key] = late.get(key, 0) + 1
+        late.move_to_end(key)
+        while len(late) > _LATE_ECHOES:
+            late.popitem(last=False)
 
     async def init(self, data: Any = None, addr: Address | None = None) -> None:
         """Signal EXPINIT ``[1, data]`` and wait for its echo (see :meth:`confirmed_send`)."""
@@ -530,14 +558,23 @@ class EchoProtocol:
     async def message_received(self, raw: bytes, addr: Address) -> None:
         """Transport callback: route an echo to its waiter, else echo and dispatch."""
         self._stats.received += 1
-        waiters = self._pending.get((addr, raw))
+        key = (addr, raw)
+        waiters = self._pending.get(key)
         if waiters:
             # An echo: wake the oldest sender of these bytes to this peer.
             while waiters:
                 if _resolve(waiters.pop(0), None):
                     break
             if not waiters:
-                del self._pending[(addr, raw)]
+                del self._pending[key]
+            return
+        if self._late and key in self._late:
+            # The echo of a send that already gave up waiting.
+            count = self._late.pop(key)
+            if count > 1:
+                self._late[key] = count - 1
+            if self.logger.isEnabledFor(logging.DEBUG):
+                self.logger.debug("[%s] late echo from %s ignored: %r", self.name, addr, raw)
             return
         try:
             msg = parse_message(raw, addr)
@@ -560,7 +597,7 @@ class EchoProtocol:
                 "[%s] %s reported an error handling %s: %s",
                 self.name,
                 self.uri_of(addr),
-                msg.data[1],
+                _event_name(msg.data[1]),
                 msg.data[0],
             )
         if self.logger.isEnabledFor(logging.DEBUG):
@@ -749,6 +786,13 @@ def _event_codes(event: EventLike) -> tuple[int, ...]:
     if not value:
         return (0,)
     return tuple(int(bit) for bit in event_bits(value))
+
+
+def _event_name(code: int) -> str:
+    try:
+        return ExpMessage(code).name or str(code)
+    except ValueError:
+        return str(code)
 
 
 def _check_timeout(timeout: float) -> float:

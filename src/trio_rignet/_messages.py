@@ -70,8 +70,8 @@ class ExpMessage(IntFlag):
     def validate(event: str | int | ExpMessage, allow_bitwise: bool = True) -> ExpMessage:
         """Return the event for a name, an integer code or a member.
 
-        Names are case- and whitespace-insensitive and the ``EXP`` prefix may be
-        left out (``"start"`` is ``EXPSTART``).
+        Names are case- and whitespace-insensitive, the ``EXP`` prefix may be
+        left out (``"start"`` is ``EXPSTART``), and ``"stop"`` means ``EXPEND``.
 
         Args:
             event: the event as a name, an int or an :class:`ExpMessage`.
@@ -121,7 +121,7 @@ _ALL_BITS = 0
 for _m in _MEMBERS:
     _ALL_BITS |= int(_m)
 _SINGLE = frozenset(int(m) for m in _MEMBERS)
-_BY_NAME: dict[str, ExpMessage] = dict(ExpMessage.__members__)
+_BY_NAME: dict[str, ExpMessage] = {**ExpMessage.__members__, "STOP": ExpMessage.EXPEND}
 _BY_CODE: dict[int, ExpMessage] = {int(m): m for m in _MEMBERS}
 _ERROR = ExpMessage(0)
 

@@ -1,0 +1,227 @@
+"""``RigService``: the auxiliary-PC side in a few lines.
+
+It listens on a URI, runs the user's handler for each signal, and sends the
+completion update (the same event back, with the handler's return value as
+data). iblutil leaves every rig to write this loop by hand.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from ._echo import EchoProtocol, EventLike, _event_codes
+from ._errors import RignetError
+from ._groups import collapse_single
+from ._messages import LISTEN_PORT, ExpMessage, Message, build_error, encode
+from ._transport import Address
+
+__all__ = ["RigHandler", "RigService"]
+
+log = logging.getLogger("trio_rignet.rig")
+
+RigHandler = Callable[[Message], "Awaitable[Any] | Any"]
+"""A signal handler: a plain or async function taking the :class:`Message`."""
+
+_H = TypeVar("_H", bound=RigHandler)
+
+_SIGNALS = ExpMessage.any()
+
+
+class RigService:
+    """An auxiliary rig: answers every signal with a completion update.
+
+    For each signal received (init, start, stop, interrupt, cleanup, status,
+    info) the rig echoes it (the endpoint does), runs the handler registered
+    for its event, then sends the completion update: the same event with the
+    handler's return value as data (``[1, result]`` for init,
+    ``[2, exp_ref, result]`` for start, ``[32, status]`` for status,
+    ``[64, status, result]`` for info). Signals without a handler are still
+    answered, with null data. A handler that raises makes the rig send the
+    error report ``[0, "Type: text", event]`` instead. An ALYX message is
+    answered only if a handler returns ``(base_url, {user: token})``.
+
+    Handlers run concurrently, each in its own task, so a long ``start``
+    handler does not delay a ``stop``.
+
+    Use it as an async context manager::
+
+        rig = RigService("udp://0.0.0.0:11001", name="video")
+
+        @rig.handle("init")
+        async def init(msg):
+            return {"camera": "ready"}
+
+        async with rig:
+            await anyio.sleep_forever()
+
+    or start it in a task group: ``address = await tg.start(rig.serve)``.
+
+    Args:
+        uri: local address to listen on (port 0: any free port).
+        handlers: event -> handler, as an alternative to :meth:`handle`.
+        name: label for logs.
+        ack: send completion updates (False: only echo, like a bare endpoint).
+        endpoint_options: passed to :meth:`EchoProtocol.server`.
+    """
+
+    def __init__(
+        self,
+        uri: str = f"udp://0.0.0.0:{LISTEN_PORT}",
+        handlers: Mapping[EventLike, RigHandler] | None = None,
+        *,
+        name: str | None = None,
+        ack: bool = True,
+        **endpoint_options: Any,
+    ) -> None:
+        self.uri = uri
+        self.name = name or uri
+        self.ack = ack
+        self._options = endpoint_options
+        self._handlers: dict[int, RigHandler] = {}
+        self._endpoint: EchoProtocol | None = None
+        self._stack: AsyncExitStack | None = None
+        for event, handler in (handlers or {}).items():
+            self.handle(event)(handler)
+
+    def handle(self, event: EventLike) -> Callable[[_H], _H]:
+        """Decorator registering a handler for ``event`` (or every event in ``a | b``)."""
+
+        def register(handler: _H) -> _H:
+            if not callable(handler):
+                raise TypeError(f"handler must be a function or async function, not {handler!r}")
+            for code in _event_codes(event):
+                self._handlers[code] = handler
+            return handler
+
+        return register
+
+    @property
+    def endpoint(self) -> EchoProtocol:
+        """The listening endpoint (while running)."""
+        if self._endpoint is None:
+            raise RuntimeError(
+                "the rig is not running: use `async with rig:` or tg.start(rig.serve)"
+            )
+        return self._endpoint
+
+    @property
+    def local_address(self) -> Address:
+        """``(host, port)`` the rig listens on (while running)."""
+        return self.endpoint.local_address
+
+    @property
+    def local_uri(self) -> str:
+        """The URI a main PC connects to, e.g. ``udp://127.0.0.1:40123`` (while running)."""
+        return self.endpoint.uri_of(self.local_address)
+
+    async def serve(self, *, task_status: TaskStatus[Address] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled; for ``await tg.start(rig.serve)``, which returns the bound address.
+
+        Cancellation: the endpoint is closed and every handler task cancelled.
+        """
+        async with self:
+            task_status.started(self.local_address)
+            await anyio.sleep_forever()
+
+    async def __aenter__(self) -> RigService:
+        if self._stack is not None:
+            raise RuntimeError("this RigService is already running")
+        stack = AsyncExitStack()
+        try:
+            await stack.enter_async_context(self._running())
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        stack, self._stack = self._stack, None
+        assert stack is not None
+        return await stack.__aexit__(exc_type, exc, tb)
+
+    @asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        with collapse_single():
+            async with (
+                EchoProtocol.server(self.uri, name=self.name, **self._options) as endpoint,
+                anyio.create_task_group() as tg,
+            ):
+                await tg.start(self._receive, endpoint, tg)
+                self._endpoint = endpoint
+                try:
+                    yield
+                finally:
+                    self._endpoint = None
+                    tg.cancel_scope.cancel()
+
+    async def _receive(
+        self, endpoint: EchoProtocol, tg: TaskGroup, *, task_status: TaskStatus[None]
+    ) -> None:
+        async with endpoint.subscribe(_SIGNALS) as messages:
+            task_status.started()
+            async for msg in messages:
+                tg.start_soon(self._handle, endpoint, msg)
+
+    async def _handle(self, endpoint: EchoProtocol, msg: Message) -> None:
+        handler = self._handlers.get(int(msg.event))
+        assert msg.addr is not None
+        try:
+            result = None
+            if handler is not None:
+                result = handler(msg)
+                if inspect.isawaitable(result):
+                    result = await result
+        except Exception as exc:
+            log.error(
+                "[%s] handler for %s failed: %s: %s",
+                self.name,
+                msg.event.name,
+                type(exc).__name__,
+                exc,
+            )
+            await _quietly(endpoint.send(build_error(exc, msg.event), msg.addr), self.name)
+            return
+        reply = _completion(msg, result)
+        if reply is None or not self.ack:
+            return
+        await _quietly(endpoint.confirmed_send(reply, msg.addr), self.name)
+
+
+def _completion(msg: Message, result: Any) -> bytes | None:
+    """The completion update for ``msg`` carrying ``result``."""
+    event = msg.event
+    if event is ExpMessage.EXPSTART:
+        exp_ref = msg.data[0] if msg.data else None
+        return encode([event, exp_ref, result])
+    if event is ExpMessage.EXPSTATUS:
+        return encode([event, msg.data[0] if result is None and msg.data else result])
+    if event is ExpMessage.EXPINFO:
+        status = msg.data[0] if msg.data else None
+        return encode([event, status, result])
+    if event is ExpMessage.ALYX:
+        if result is None:
+            return None
+        base_url, token = result
+        return encode([event, base_url, token])
+    return encode([event, result])
+
+
+async def _quietly(send: Awaitable[None], name: str) -> None:
+    try:
+        await send
+    except (RignetError, OSError) as exc:
+        log.warning("[%s] could not answer: %s", name, exc)
