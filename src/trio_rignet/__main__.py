@@ -1,0 +1,7 @@
+"""``python -m trio_rignet``: the ``rignet`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
