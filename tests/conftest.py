@@ -21,7 +21,8 @@ settings.register_profile("ci", parent=settings.get_profile("default"), derandom
 settings.register_profile(
     "fuzz", max_examples=20_000, deadline=None, suppress_health_check=list(HealthCheck)
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
+_default_profile = "ci" if os.environ.get("CI") else "default"
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", _default_profile))
 
 
 @pytest.fixture(
