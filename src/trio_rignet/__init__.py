@@ -7,12 +7,13 @@ private.
 
 from __future__ import annotations
 
-from ._echo import Callback, EchoProtocol, EchoStats
+from ._echo import Callback, EchoProtocol, EchoStats, EndpointOptions
 from ._errors import (
     EchoTimeout,
     EndpointClosed,
     FramingError,
     MessageError,
+    PeerNotAllowed,
     PeerUnavailable,
     RemoteError,
     RignetError,
@@ -46,11 +47,13 @@ __all__ = [
     "EchoStats",
     "EchoTimeout",
     "EndpointClosed",
+    "EndpointOptions",
     "ExpMessage",
     "ExpStatus",
     "FramingError",
     "Message",
     "MessageError",
+    "PeerNotAllowed",
     "PeerUnavailable",
     "RemoteError",
     "RigHandler",

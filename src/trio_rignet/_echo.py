@@ -12,17 +12,23 @@ import contextlib
 import inspect
 import logging
 import math
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypedDict
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._errors import EchoTimeout, EndpointClosed, MessageError, PeerUnavailable
+from ._errors import (
+    EchoTimeout,
+    EndpointClosed,
+    MessageError,
+    PeerNotAllowed,
+    PeerUnavailable,
+)
 from ._framing import DEFAULT_MAX_MESSAGE_SIZE
 from ._groups import collapse_single
 from ._messages import (
@@ -42,10 +48,14 @@ from ._messages import (
     event_bits,
     parse_message,
 )
+from ._reliability import PeerFilter, RateLimit, Recent, nonce
 from ._transport import UDP_MAX_PAYLOAD, Address, Role, Transport, open_transport
 from ._uri import normalize_host, resolve_uri, split_uri
 
-__all__ = ["Callback", "EchoProtocol", "EchoStats"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["Callback", "EchoProtocol", "EchoStats", "EndpointOptions"]
 
 log = logging.getLogger("trio_rignet.echo")
 
@@ -57,8 +67,38 @@ StatusLike: TypeAlias = "str | int | ExpStatus"
 
 _Waiter = MemoryObjectSendStream[BaseException | None]
 
-_LATE_ECHOES = 256
+_LATE_ECHOES = 4096
 """Payloads remembered per endpoint whose echo may still arrive after giving up."""
+_LATE_TTL = 60.0
+_DEDUP_TTL = 30.0
+_RTO_MIN = 0.01
+_MAX_CALLBACK_TASKS = 1024
+
+
+class EndpointOptions(TypedDict, total=False):
+    """Options of :meth:`EchoProtocol.server` and :meth:`EchoProtocol.client`.
+
+    Attributes:
+        echo_timeout: default seconds to wait for an echo (1.0).
+        max_message_size: longest TCP message accepted from a peer (1 MiB).
+        reliable: UDP only, both ends trio-rignet: retransmit unechoed messages
+            with exponential backoff within the echo timeout, and re-echo a
+            retransmitted message without dispatching it twice (see the
+            reliability page for what an iblutil peer sees).
+        allow: listening endpoints: accept messages only from these IP
+            addresses or networks (``["10.0.0.2", "10.0.1.0/24"]``); anything
+            else is never echoed or dispatched, and logged at a limited rate.
+        reconnect: TCP clients: reconnect in the background after the server
+            closes the connection (sends fail with PeerUnavailable meanwhile).
+        max_connections: TCP servers: connections served at once (256).
+    """
+
+    echo_timeout: float | None
+    max_message_size: int
+    reliable: bool
+    allow: Iterable[str] | None
+    reconnect: bool
+    max_connections: int
 
 
 @dataclass
@@ -72,6 +112,9 @@ class EchoStats:
         confirmed: confirmed sends whose echo arrived.
         timeouts: confirmed sends that timed out.
         dropped: received messages dropped as malformed.
+        refused: messages ignored from hosts outside the ``allow`` list.
+        retransmits: reliable mode: messages sent again for want of an echo.
+        duplicates: reliable mode: retransmitted messages re-echoed, not dispatched.
         rtt_count: echo round trips measured.
         rtt_total: sum of echo round-trip times, seconds.
         rtt_min: shortest round trip, seconds (``inf`` before the first).
@@ -84,6 +127,9 @@ class EchoStats:
     confirmed: int = 0
     timeouts: int = 0
     dropped: int = 0
+    refused: int = 0
+    retransmits: int = 0
+    duplicates: int = 0
     rtt_count: int = 0
     rtt_total: float = 0.0
     rtt_min: float = math.inf
@@ -130,6 +176,10 @@ class EchoProtocol:
         logger: logging.Logger | None = None,
         echo_timeout: float | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        reliable: bool = False,
+        allow: Iterable[str] | None = None,
+        reconnect: bool = False,
+        max_connections: int = 256,
     ) -> None:
         if role not in ("client", "server"):
             raise ValueError(f'role must be "server" or "client", not {role!r}')
@@ -145,13 +195,28 @@ class EchoProtocol:
         self._parts = parts
         self._peer: Address = (parts.host, parts.port)
         self._transport: Transport = open_transport(
-            parts.transport, role, parts.host, parts.port, max_message_size
+            parts.transport,
+            role,
+            parts.host,
+            parts.port,
+            max_message_size=max_message_size,
+            reconnect=reconnect,
+            max_connections=max_connections,
         )
+        self._reliable = reliable and parts.transport == "udp"
+        self._filter = None if allow is None else PeerFilter(allow)
+        self._rng = random.Random()
         self._pending: dict[tuple[Address, bytes], list[_Waiter]] = {}
         self._subs: dict[int, list[_Subscription]] = {}
         self._callbacks: dict[int, list[Callback]] = {}
         self._addr_cache: dict[Address, Address] = {}
-        self._late: OrderedDict[tuple[Address, bytes], int] = OrderedDict()
+        # (peer, bytes) whose echo may still come after the send stopped waiting
+        self._late = Recent(_LATE_ECHOES, _LATE_TTL)
+        # reliable mode: (peer, bytes) recently handled, to recognise retransmissions
+        self._handled = Recent(_LATE_ECHOES * 4, _DEDUP_TTL)
+        self._known_peers: set[Address] = set()
+        self._refused_log = RateLimit()
+        self._callback_tasks = 0
         self._stats = EchoStats()
         self._tg: TaskGroup | None = None
         self._closing = False
@@ -166,8 +231,7 @@ class EchoProtocol:
         *,
         name: str | None = None,
         logger: logging.Logger | None = None,
-        echo_timeout: float | None = None,
-        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        **options: Unpack[EndpointOptions],
     ) -> contextlib.AbstractAsyncContextManager[EchoProtocol]:
         """Bind (UDP) or listen (TCP) on the local ``server_uri`` and talk to any peer.
 
@@ -178,14 +242,15 @@ class EchoProtocol:
                 ``"ws://127.0.0.1:0"`` (``ws://`` and ``tcp://`` are plain TCP).
             name: a label for logs and errors.
             logger: logger to use instead of ``trio_rignet.echo``.
-            echo_timeout: default seconds to wait for an echo (1.0).
-            max_message_size: longest TCP message accepted from a peer.
+            options: see :class:`EndpointOptions` (``echo_timeout``,
+                ``max_message_size``, ``reliable``, ``allow``,
+                ``max_connections``).
 
         Raises:
             ValueError, TypeError: invalid URI.
             OSError: the address cannot be bound.
         """
-        return cls._open(server_uri, "server", name, logger, echo_timeout, max_message_size)
+        return cls._open(server_uri, "server", name, logger, options)
 
     @classmethod
     def client(
@@ -194,19 +259,19 @@ class EchoProtocol:
         *,
         name: str | None = None,
         logger: logging.Logger | None = None,
-        echo_timeout: float | None = None,
-        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        **options: Unpack[EndpointOptions],
     ) -> contextlib.AbstractAsyncContextManager[EchoProtocol]:
         """Talk to the one remote host at ``server_uri``.
 
         Over TCP this connects first; over UDP nothing is sent until you send.
-        Arguments as for :meth:`server`.
+        Arguments as for :meth:`server` (options: ``echo_timeout``,
+        ``max_message_size``, ``reliable``, ``reconnect``).
 
         Raises:
             ValueError, TypeError: invalid URI.
             PeerUnavailable: a TCP connection was refused.
         """
-        return cls._open(server_uri, "client", name, logger, echo_timeout, max_message_size)
+        return cls._open(server_uri, "client", name, logger, options)
 
     @classmethod
     @asynccontextmanager
@@ -216,18 +281,10 @@ class EchoProtocol:
         role: Role,
         name: str | None,
         logger: logging.Logger | None,
-        echo_timeout: float | None,
-        max_message_size: int,
+        options: EndpointOptions,
     ) -> AsyncIterator[EchoProtocol]:
         uri = await resolve_uri(server_uri)
-        self = cls(
-            uri,
-            role,
-            name=name,
-            logger=logger,
-            echo_timeout=echo_timeout,
-            max_message_size=max_message_size,
-        )
+        self = cls(uri, role, name=name, logger=logger, **options)
         with collapse_single():
             async with anyio.create_task_group() as tg:
                 await tg.start(self._run)
@@ -445,6 +502,8 @@ class EchoProtocol:
         on_sent: Callable[[], object] | None = None,
     ) -> None:
         """Confirmed send of checked arguments; ``on_sent()`` runs once the bytes are out."""
+        if self._reliable:
+            payload += nonce(self._rng)
         waiter, receiver = anyio.create_memory_object_stream[BaseException | None](1)
         key = (target, payload)
         waiters = self._pending.get(key)
@@ -463,7 +522,10 @@ class EchoProtocol:
                     on_sent()
                 try:
                     with anyio.fail_after(timeout):
-                        result = await receiver.receive()
+                        if self._reliable:
+                            result = await self._retransmit(receiver, payload, target)
+                        else:
+                            result = await receiver.receive()
                 except TimeoutError:
                     stats.timeouts += 1
                     raise EchoTimeout(self.name, target, timeout) from None
@@ -481,6 +543,9 @@ class EchoProtocol:
             waiter.close()
         if result is not None:
             raise result
+        if self._reliable:
+            # Duplicated or retransmitted echoes may still come: swallow them.
+            self._late.add(key, anyio.current_time(), uses=1 << 30)
         rtt = anyio.current_time() - start
         stats.confirmed += 1
         stats.rtt_count += 1
@@ -489,11 +554,24 @@ class EchoProtocol:
         stats.rtt_max = max(stats.rtt_max, rtt)
 
     def _bury(self, key: tuple[Address, bytes]) -> None:
-        late = self._late
-        late[key] = late.get(key, 0) + 1
-        late.move_to_end(key)
-        while len(late) > _LATE_ECHOES:
-            late.popitem(last=False)
+        self._late.add(key, anyio.current_time(), uses=1 << 30 if self._reliable else 1)
+
+    async def _retransmit(
+        self,
+        receiver: MemoryObjectReceiveStream[BaseException | None],
+        payload: bytes,
+        target: Address,
+    ) -> BaseException | None:
+        """Wait for the echo, resending with exponential backoff (reliable mode)."""
+        stats = self._stats
+        rto = max(_RTO_MIN, 4 * stats.rtt_mean) if stats.rtt_count else 4 * _RTO_MIN
+        while True:
+            with anyio.move_on_after(rto):
+                return await receiver.receive()
+            await self._transport.send(payload, target)
+            stats.sent += 1
+            stats.retransmits += 1
+            rto *= 2
 
     async def init(self, data: Any = None, addr: Address | None = None) -> None:
         """Signal EXPINIT ``[1, data]`` and wait for its echo (see :meth:`confirmed_send`)."""
@@ -527,6 +605,11 @@ class EchoProtocol:
         """Send EXPINFO ``[64, status, data]`` and wait for its echo."""
         await self.confirmed_send(build_info(status, data), addr)
 
+    def _may_receive_token(self, target: Address) -> bool:
+        if self._filter is not None:
+            return self._filter.allows(target[0])
+        return target in self._known_peers
+
     async def alyx(
         self, alyx: AlyxLike | None = None, addr: Address | None = None
     ) -> tuple[str | None, dict[str, Any]] | None:
@@ -538,11 +621,24 @@ class EchoProtocol:
         and waits, without timeout (wrap in ``anyio.fail_after``), for the peer's
         ALYX message, returning ``(base_url, {user: token})``.
 
-        The token travels in clear text, as in iblutil.
+        The token travels in clear text on the iblutil wire format: use it on
+        a trusted network only. A server endpoint sends a token only to a peer
+        in its ``allow`` list, or (without one) to a peer it has already
+        received a message from.
+
+        Raises:
+            PeerNotAllowed: a server was asked to send a token to a stranger.
         """
         payload = build_alyx(alyx)
         if alyx is not None and alyx.is_logged_in and alyx.base_url:
-            await self.confirmed_send(payload, addr)
+            target = self._target(addr)
+            if self._role == "server" and not self._may_receive_token(target):
+                raise PeerNotAllowed(
+                    target,
+                    "an Alyx token is only sent to a peer this endpoint already talks to "
+                    "(one in its allow list, or one it has received a message from)",
+                )
+            await self.confirmed_send(payload, target)
             return None
         target = self._target(addr)
         async with self._subscribe((int(ExpMessage.ALYX),), target) as replies:
@@ -558,6 +654,16 @@ class EchoProtocol:
     async def message_received(self, raw: bytes, addr: Address) -> None:
         """Transport callback: route an echo to its waiter, else echo and dispatch."""
         self._stats.received += 1
+        if self._filter is not None and not self._filter.allows(addr[0]):
+            self._stats.refused += 1
+            if self._refused_log.ready(anyio.current_time()):
+                self.logger.warning(
+                    "[%s] ignored %d message(s) from %s, which is not in the allow list",
+                    self.name,
+                    self._refused_log.take(),
+                    self.uri_of(addr),
+                )
+            return
         key = (addr, raw)
         waiters = self._pending.get(key)
         if waiters:
@@ -568,13 +674,17 @@ class EchoProtocol:
             if not waiters:
                 del self._pending[key]
             return
-        if self._late and key in self._late:
-            # The echo of a send that already gave up waiting.
-            count = self._late.pop(key)
-            if count > 1:
-                self._late[key] = count - 1
+        if self._late and self._late.take(key, anyio.current_time()):
+            # The echo of a send that already gave up waiting (or, in reliable
+            # mode, a duplicate of an echo that already arrived).
             if self.logger.isEnabledFor(logging.DEBUG):
                 self.logger.debug("[%s] late echo from %s ignored: %r", self.name, addr, raw)
+            return
+        if self._reliable and self._handled.seen(key, anyio.current_time()):
+            # A retransmission of a message already handled: echo it again (the
+            # first echo was lost), do not dispatch it twice.
+            self._stats.duplicates += 1
+            await self._echo(raw, addr)
             return
         try:
             msg = parse_message(raw, addr)
@@ -585,13 +695,9 @@ class EchoProtocol:
             )
             return
         if msg.event:
-            try:
-                await self._transport.send(raw, addr)
-            except PeerUnavailable as exc:
-                self.logger.warning("[%s] could not echo to %s: %s", self.name, addr, exc)
-            else:
-                self._stats.echoed += 1
-                self._stats.sent += 1
+            if self._reliable:
+                self._handled.add(key, anyio.current_time())
+            await self._echo(raw, addr)
         else:
             self.logger.error(
                 "[%s] %s reported an error handling %s: %s",
@@ -602,7 +708,22 @@ class EchoProtocol:
             )
         if self.logger.isEnabledFor(logging.DEBUG):
             self.logger.debug("[%s] received %r from %s", self.name, raw, self.uri_of(addr))
+        if len(self._known_peers) < _LATE_ECHOES:
+            self._known_peers.add(addr)
         await self._dispatch(msg)
+
+    async def _echo(self, raw: bytes, addr: Address) -> None:
+        try:
+            await self._transport.send(raw, addr)
+        except PeerUnavailable as exc:
+            self.logger.warning("[%s] could not echo to %s: %s", self.name, addr, exc)
+        else:
+            self._stats.echoed += 1
+            self._stats.sent += 1
+
+    def allows(self, addr: Address) -> bool:
+        """Transport callback: may ``addr`` connect (TCP) or send to this endpoint?"""
+        return self._filter is None or self._filter.allows(addr[0])
 
     def peer_lost(self, addr: Address, reason: str) -> None:
         """Transport callback: fail every pending send to ``addr`` at once."""
@@ -635,22 +756,38 @@ class EchoProtocol:
             return
         for callback in list(callbacks):
             if inspect.iscoroutinefunction(callback):
-                assert self._tg is not None
-                self._tg.start_soon(self._run_async_callback, callback, msg)
+                self._spawn_callback(self._run_async_callback, callback, msg)
                 continue
             try:
                 result = callback(msg)
                 if inspect.isawaitable(result):
-                    assert self._tg is not None
-                    self._tg.start_soon(self._await_callback_result, callback, msg, result)
+                    self._spawn_callback(self._await_callback_result, callback, msg, result)
             except Exception as exc:
                 await self._report_callback_error(callback, msg, exc)
+
+    def _spawn_callback(self, func: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        if self._callback_tasks >= _MAX_CALLBACK_TASKS:
+            # A flooding peer must not grow the task count without bound.
+            self.logger.warning(
+                "[%s] %d async callbacks already running: dropped one for %s",
+                self.name,
+                self._callback_tasks,
+                args[1].event.name,
+            )
+            if inspect.iscoroutine(args[-1]):
+                args[-1].close()
+            return
+        assert self._tg is not None
+        self._callback_tasks += 1
+        self._tg.start_soon(func, *args)
 
     async def _run_async_callback(self, callback: Callback, msg: Message) -> None:
         try:
             await callback(msg)
         except Exception as exc:
             await self._report_callback_error(callback, msg, exc)
+        finally:
+            self._callback_tasks -= 1
 
     async def _await_callback_result(
         self, callback: Callback, msg: Message, result: Awaitable[Any]
@@ -659,6 +796,8 @@ class EchoProtocol:
             await result
         except Exception as exc:
             await self._report_callback_error(callback, msg, exc)
+        finally:
+            self._callback_tasks -= 1
 
     async def _report_callback_error(
         self, callback: Callback, msg: Message, exc: Exception

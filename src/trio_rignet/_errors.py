@@ -15,6 +15,7 @@ __all__ = [
     "EndpointClosed",
     "FramingError",
     "MessageError",
+    "PeerNotAllowed",
     "PeerUnavailable",
     "RemoteError",
     "RignetError",
@@ -82,6 +83,18 @@ class PeerUnavailable(RignetError, ConnectionError):
 
 class EndpointClosed(RignetError, ConnectionError):
     """The endpoint was closed: pending sends and waits end with this."""
+
+
+class PeerNotAllowed(RignetError, PermissionError):
+    """The endpoint refuses to send to this peer (e.g. an Alyx token to a stranger).
+
+    Attributes:
+        peer: ``(host, port)`` of the peer.
+    """
+
+    def __init__(self, peer: tuple[str, int], reason: str) -> None:
+        self.peer = peer
+        super().__init__(f"{_fmt_addr(peer)}: {reason}")
 
 
 class RemoteError(RignetError, RuntimeError):

@@ -23,6 +23,7 @@ from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup
 
 from ._errors import FramingError, PeerUnavailable
 from ._framing import StreamDecoder
+from ._reliability import RateLimit
 
 __all__ = ["Address", "Handler", "TCPTransport", "Transport", "UDPTransport", "open_transport"]
 
@@ -45,6 +46,9 @@ class Handler(Protocol):
 
     def peer_lost(self, addr: Address, reason: str) -> None:
         """``addr`` cannot be reached any more (disconnected or refused)."""
+
+    def allows(self, addr: Address) -> bool:
+        """May ``addr`` connect (TCP accept filter)?"""
 
 
 class Transport(ABC):
@@ -90,11 +94,20 @@ class Transport(ABC):
         """Close every socket. Idempotent. Call after the receive tasks ended."""
 
 
-def open_transport(kind: str, role: Role, host: str, port: int, max_message_size: int) -> Transport:
+def open_transport(
+    kind: str,
+    role: Role,
+    host: str,
+    port: int,
+    *,
+    max_message_size: int,
+    reconnect: bool = False,
+    max_connections: int = 256,
+) -> Transport:
     """Return an unopened transport for ``kind`` ``"udp"`` or ``"tcp"``."""
     if kind == "udp":
         return UDPTransport(role, host, port)
-    return TCPTransport(role, host, port, max_message_size)
+    return TCPTransport(role, host, port, max_message_size, reconnect, max_connections)
 
 
 def _ip_addr(sockaddr: object) -> Address:
@@ -211,9 +224,20 @@ class TCPTransport(Transport):
 
     kind = "tcp"
 
-    def __init__(self, role: Role, host: str, port: int, max_message_size: int) -> None:
+    def __init__(
+        self,
+        role: Role,
+        host: str,
+        port: int,
+        max_message_size: int,
+        reconnect: bool = False,
+        max_connections: int = 256,
+    ) -> None:
         super().__init__(role, host, port)
         self.max_message_size = max_message_size
+        self.reconnect = reconnect
+        self.max_connections = max_connections
+        self._refused_log = RateLimit()
         self._listener: SocketListener | None = None
         self._conns: dict[Address, _Connection] = {}
         self._client_conn: _Connection | None = None
@@ -245,7 +269,27 @@ class TCPTransport(Transport):
         if self._listener is not None:
             tg.start_soon(self._accept_loop, tg, handler, name=f"tcp accept {self.local_address}")
         elif self._client_conn is not None:
-            tg.start_soon(self._receive_loop, self._client_conn, handler)
+            tg.start_soon(self._client_loop, self._client_conn, handler)
+
+    async def _client_loop(self, conn: _Connection, handler: Handler) -> None:
+        delay = 0.05
+        while True:
+            await self._receive_loop(conn, handler)
+            if not self.reconnect:
+                return
+            while True:  # reconnect with backoff, until cancelled (endpoint closing)
+                await anyio.sleep(delay)
+                try:
+                    stream = await anyio.connect_tcp(self.host, self.port)
+                except OSError:
+                    delay = min(delay * 2, 2.0)
+                    continue
+                conn = _Connection(stream, self.peer, self.max_message_size)
+                self._client_conn = conn
+                self.local_address = _ip_addr(stream.extra(SocketAttribute.local_address))
+                log.info("TCP client reconnected to %s", self.peer)
+                delay = 0.05
+                break
 
     async def _accept_loop(self, tg: TaskGroup, handler: Handler) -> None:
         assert self._listener is not None
@@ -259,6 +303,14 @@ class TCPTransport(Transport):
                 await anyio.sleep(0.1)
                 continue
             peer = _ip_addr(stream.extra(SocketAttribute.remote_address))
+            if not handler.allows(peer) or len(self._conns) >= self.max_connections:
+                if self._refused_log.ready(anyio.current_time()):
+                    why = "not allowed" if len(self._conns) < self.max_connections else "too many"
+                    count = self._refused_log.take()
+                    log.warning("TCP connection from %s refused (%s; %d refused)", peer, why, count)
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+                continue
             conn = _Connection(stream, peer, self.max_message_size)
             self._conns[peer] = conn
             tg.start_soon(self._receive_loop, conn, handler, name=f"tcp receive {peer}")
