@@ -52,6 +52,7 @@ class _Direction:
         self.send = send
         self.tg = tg
         self.held: bytes | None = None
+        self.lock = anyio.Lock()  # AnyIO sockets refuse concurrent sends
 
     async def push(self, data: bytes) -> None:
         f = self.faults
@@ -95,7 +96,8 @@ class _Direction:
     async def _send_quietly(self, data: bytes) -> None:
         self.faults.forwarded += 1
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            await self.send(data)
+            async with self.lock:
+                await self.send(data)
 
 
 class UDPRelay:

@@ -65,7 +65,23 @@ Callback: TypeAlias = Callable[[Message], "Awaitable[Any] | Any"]
 EventLike: TypeAlias = "str | int | ExpMessage"
 StatusLike: TypeAlias = "str | int | ExpStatus"
 
-_Waiter = MemoryObjectSendStream[BaseException | None]
+
+class _Waiter:
+    """One confirmed send waiting for its echo.
+
+    An Event plus a result slot rather than a memory channel: a value handed to
+    a channel's waiting receiver is lost if the receiver's deadline fires before
+    it resumes (possible on asyncio), whereas ``done`` stays readable after any
+    cancellation.
+    """
+
+    __slots__ = ("done", "event", "result")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.done = False
+        self.result: BaseException | None = None
+
 
 _LATE_ECHOES = 4096
 """Payloads remembered per endpoint whose echo may still arrive after giving up."""
@@ -458,7 +474,20 @@ class EchoProtocol:
         payload = encode(data)
         self._check_size(payload)
         await anyio.lowlevel.checkpoint()
-        await self._transport.send(payload, target)
+        # The peer echoes the message back: expect that echo (registered before
+        # sending, so it cannot arrive first) and swallow it, instead of taking
+        # it for a new message and echoing it again (an endless ping-pong).
+        # Error reports are never echoed.
+        key = (target, payload)
+        expect_echo = not payload.startswith(b"[0,")
+        if expect_echo:
+            self._late.add(key, anyio.current_time())
+        try:
+            await self._transport.send(payload, target)
+        except BaseException:
+            if expect_echo:
+                self._late.take(key, anyio.current_time())
+            raise
         self._stats.sent += 1
 
     async def confirmed_send(
@@ -504,7 +533,7 @@ class EchoProtocol:
         """Confirmed send of checked arguments; ``on_sent()`` runs once the bytes are out."""
         if self._reliable:
             payload += nonce(self._rng)
-        waiter, receiver = anyio.create_memory_object_stream[BaseException | None](1)
+        waiter = _Waiter()
         key = (target, payload)
         waiters = self._pending.get(key)
         if waiters is None:
@@ -513,39 +542,37 @@ class EchoProtocol:
             waiters.append(waiter)
         stats = self._stats
         start = anyio.current_time()
-        result: BaseException | None = None
         try:
-            with receiver:
-                await self._transport.send(payload, target)
-                stats.sent += 1
-                if on_sent is not None:
-                    on_sent()
-                try:
-                    with anyio.fail_after(timeout):
-                        if self._reliable:
-                            result = await self._retransmit(receiver, payload, target)
-                        else:
-                            result = await receiver.receive()
-                except TimeoutError:
+            await self._transport.send(payload, target)
+            stats.sent += 1
+            if on_sent is not None:
+                on_sent()
+            try:
+                with anyio.fail_after(timeout):
+                    if self._reliable:
+                        await self._retransmit(waiter, payload, target)
+                    else:
+                        await waiter.event.wait()
+            except TimeoutError:
+                # The echo may have been delivered just as the deadline hit.
+                if not waiter.done:
                     stats.timeouts += 1
                     raise EchoTimeout(self.name, target, timeout) from None
         finally:
-            waiters = self._pending.get(key)
-            if waiters is not None and waiter in waiters:
+            if not waiter.done:
                 # No echo came (timeout, cancellation or error): remember the
                 # payload so a late echo is swallowed instead of being taken
                 # for a new message and echoed back (an endless ping-pong with
                 # a peer that is no longer waiting either).
-                waiters.remove(waiter)
-                if not waiters:
-                    del self._pending[key]
-                self._bury(key)
-            waiter.close()
-        if result is not None:
-            raise result
-        if self._reliable:
-            # Duplicated or retransmitted echoes may still come: swallow them.
-            self._late.add(key, anyio.current_time(), uses=1 << 30)
+                waiter.done = True
+                waiters = self._pending.get(key)
+                if waiters is not None and waiter in waiters:
+                    waiters.remove(waiter)
+                    if not waiters:
+                        del self._pending[key]
+                    self._bury(key)
+        if waiter.result is not None:
+            raise waiter.result
         rtt = anyio.current_time() - start
         stats.confirmed += 1
         stats.rtt_count += 1
@@ -556,18 +583,15 @@ class EchoProtocol:
     def _bury(self, key: tuple[Address, bytes]) -> None:
         self._late.add(key, anyio.current_time(), uses=1 << 30 if self._reliable else 1)
 
-    async def _retransmit(
-        self,
-        receiver: MemoryObjectReceiveStream[BaseException | None],
-        payload: bytes,
-        target: Address,
-    ) -> BaseException | None:
+    async def _retransmit(self, waiter: _Waiter, payload: bytes, target: Address) -> None:
         """Wait for the echo, resending with exponential backoff (reliable mode)."""
         stats = self._stats
         rto = max(_RTO_MIN, 4 * stats.rtt_mean) if stats.rtt_count else 4 * _RTO_MIN
         while True:
             with anyio.move_on_after(rto):
-                return await receiver.receive()
+                await waiter.event.wait()
+            if waiter.done:
+                return
             await self._transport.send(payload, target)
             stats.sent += 1
             stats.retransmits += 1
@@ -673,6 +697,10 @@ class EchoProtocol:
                     break
             if not waiters:
                 del self._pending[key]
+            if self._reliable:
+                # Duplicated or retransmitted echoes may follow: swallow them.
+                # (Here, not in the sender, which runs only later.)
+                self._late.add(key, anyio.current_time(), uses=1 << 30)
             return
         if self._late and self._late.take(key, anyio.current_time()):
             # The echo of a send that already gave up waiting (or, in reliable
@@ -941,9 +969,10 @@ def _check_timeout(timeout: float) -> float:
 
 
 def _resolve(waiter: _Waiter, value: BaseException | None) -> bool:
-    """Deliver ``value`` to a confirmed send's waiter; False if it is gone."""
-    try:
-        waiter.send_nowait(value)
-    except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+    """Deliver ``value`` (None: echoed) to a confirmed send's waiter; False if it is done."""
+    if waiter.done:
         return False
+    waiter.done = True
+    waiter.result = value
+    waiter.event.set()
     return True
