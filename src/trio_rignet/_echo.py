@@ -393,6 +393,18 @@ class EchoProtocol:
         """True while open (a TCP client: while its connection is up)."""
         return not self._closing and self._transport.is_connected
 
+    async def wait_connected(self) -> None:
+        """Wait until :attr:`is_connected`: for a TCP client with ``reconnect``, until it
+        has reconnected. Returns at once for UDP, servers, and connected clients.
+
+        Raises:
+            EndpointClosed: the endpoint closed first.
+
+        Cancellation: nothing to undo.
+        """
+        await self._transport.wait_connected()
+        self._check_open()
+
     @property
     def stats(self) -> EchoStats:
         """Message counters and echo round-trip times."""

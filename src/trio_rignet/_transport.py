@@ -62,6 +62,18 @@ class Transport(ABC):
         self.port = port
         self.local_address: Address = ("", 0)
         self._closed = False
+        self._connected = anyio.Event()
+
+    async def wait_connected(self) -> None:
+        """Wait until :attr:`is_connected` (at once for UDP and servers)."""
+        while not self.is_connected and not self._closed:
+            await self._connected.wait()
+
+    def _set_connected(self, up: bool) -> None:
+        if up:
+            self._connected.set()
+        elif self._connected.is_set():
+            self._connected = anyio.Event()
 
     @property
     def peer(self) -> Address:
@@ -146,6 +158,7 @@ class UDPTransport(Transport):
             raise
         self._sock = sock
         self.local_address = _ip_addr(sock.getsockname())
+        self._set_connected(True)
         await anyio.lowlevel.checkpoint()
 
     def start(self, tg: TaskGroup, handler: Handler) -> None:
@@ -202,6 +215,7 @@ class UDPTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        self._connected.set()
         if self._sock is not None:
             self._sock.close()
         await anyio.lowlevel.checkpoint_if_cancelled()
@@ -264,6 +278,7 @@ class TCPTransport(Transport):
                 raise PeerUnavailable(self.peer, f"cannot connect over TCP: {exc}") from exc
             self.local_address = _ip_addr(stream.extra(SocketAttribute.local_address))
             self._client_conn = _Connection(stream, self.peer, self.max_message_size)
+        self._set_connected(True)
 
     def start(self, tg: TaskGroup, handler: Handler) -> None:
         if self._listener is not None:
@@ -286,6 +301,7 @@ class TCPTransport(Transport):
                     continue
                 conn = _Connection(stream, self.peer, self.max_message_size)
                 self._client_conn = conn
+                self._set_connected(True)
                 self.local_address = _ip_addr(stream.extra(SocketAttribute.local_address))
                 log.info("TCP client reconnected to %s", self.peer)
                 delay = 0.05
@@ -336,6 +352,7 @@ class TCPTransport(Transport):
                 del self._conns[conn.peer]
             if conn is self._client_conn:
                 self._client_conn = None
+                self._set_connected(False)
             with anyio.CancelScope(shield=True):
                 await conn.stream.aclose()
         handler.peer_lost(conn.peer, reason)
@@ -360,6 +377,7 @@ class TCPTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        self._connected.set()
         conns = list(self._conns.values())
         if self._client_conn is not None:
             conns.append(self._client_conn)
