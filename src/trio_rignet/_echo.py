@@ -321,6 +321,9 @@ class EchoProtocol:
                         "[%s] listening on %s", self.name, self.uri_of(transport.local_address)
                     )
                 task_status.started()
+                # Stay open until aclose(), even if a TCP client's connection
+                # drops: sends then fail with PeerUnavailable, not EndpointClosed.
+                await anyio.sleep_forever()
         finally:
             self._closing = True
             self._fail_all(EndpointClosed(f"{self.name}: endpoint closed"))

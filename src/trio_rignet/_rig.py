@@ -42,8 +42,9 @@ class RigService:
     info) the rig echoes it (the endpoint does), runs the handler registered
     for its event, then sends the completion update: the same event with the
     handler's return value as data (``[1, result]`` for init,
-    ``[2, exp_ref, result]`` for start, ``[32, status]`` for status,
-    ``[64, status, result]`` for info). Signals without a handler are still
+    ``[2, exp_ref, result]`` for start, ``[32, result]`` for status (the
+    received status if the handler returns None), ``[64, status, result]``
+    for info). Signals without a handler are still
     answered, with null data. A handler that raises makes the rig send the
     error report ``[0, "Type: text", event]`` instead. An ALYX message is
     answered only if a handler returns ``(base_url, {user: token})``.
@@ -185,6 +186,12 @@ class RigService:
                 result = handler(msg)
                 if inspect.isawaitable(result):
                     result = await result
+            # Built here so that a result that cannot be sent (not JSON, over
+            # the UDP size limit, a bad ALYX tuple) is reported like a raising
+            # handler instead of crashing the rig's task group.
+            reply = _completion(msg, result) if self.ack else None
+            if reply is not None:
+                endpoint._check_size(reply)
         except Exception as exc:
             log.error(
                 "[%s] handler for %s failed: %s: %s",
@@ -195,8 +202,7 @@ class RigService:
             )
             await _quietly(endpoint.send(build_error(exc, msg.event), msg.addr), self.name)
             return
-        reply = _completion(msg, result)
-        if reply is None or not self.ack:
+        if reply is None:
             return
         await _quietly(endpoint.confirmed_send(reply, msg.addr), self.name)
 

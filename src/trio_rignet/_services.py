@@ -145,9 +145,15 @@ class Services(Mapping[str, EchoProtocol]):
                     f"Services needs EchoProtocol endpoints, got {type(rig).__name__} for "
                     f"{name!r}; open one with EchoProtocol.client(uri)"
                 )
-            if name in data:
-                raise ValueError(f"two rigs are named {name!r}: give each endpoint its own name")
-            data[str(name)] = rig
+            if rig.role != "client":
+                raise TypeError(
+                    f"rig {name!r} is a server endpoint; Services signals each rig's remote "
+                    "address, so give it client endpoints (EchoProtocol.client(uri))"
+                )
+            key = str(name)
+            if key in data:
+                raise ValueError(f"two rigs are named {key!r}: give each endpoint its own name")
+            data[key] = rig
         self._rigs = data
         self.timeout = timeout
         self._closed = anyio.Event()
@@ -239,8 +245,11 @@ class Services(Mapping[str, EchoProtocol]):
         Cancellation: every endpoint is marked closed before the first wait.
         """
         self._closed.set()
-        for rig in self._rigs.values():
-            await rig.aclose()
+        # One task per rig: each marks its endpoint closed before its first
+        # wait, even when the caller is already cancelled.
+        async with anyio.create_task_group() as tg:
+            for rig in self._rigs.values():
+                tg.start_soon(rig.aclose)
 
     # -------------------------------------------------------------- callbacks
 
@@ -250,7 +259,13 @@ class Services(Mapping[str, EchoProtocol]):
         """Assign ``callback`` to ``event`` on every rig.
 
         With ``return_service`` the callback is called as ``callback(message, rig)``.
+
+        Raises:
+            TypeError: ``callback`` is not callable, or ``event`` is invalid.
+            ValueError: ``event`` is unknown.
         """
+        if not callable(callback):
+            raise TypeError(f"callback must be a function or async function, not {callback!r}")
         for rig in self._rigs.values():
             if return_service:
                 rig.assign_callback(event, _WithService(callback, rig))  # type: ignore[arg-type]
@@ -364,6 +379,10 @@ class Services(Mapping[str, EchoProtocol]):
         rigs = list(self._rigs.items())
         if reverse:
             rigs.reverse()
+        for _, rig in rigs:
+            # A plain ValueError before anything is sent (in either mode), not
+            # a task group's exception group after some rigs were signalled.
+            rig._check_size(payload)
         responses: dict[str, Any] = {}
         failures: dict[str, BaseException] = {}
         codes = (int(event), 0)

@@ -27,6 +27,8 @@ from ._services import Services, ServicesError
 __all__ = ["main"]
 
 _SIGNALS = ("init", "start", "stop", "interrupt", "cleanup", "status", "info")
+# Every event but ALYX, which a simulated rig does not answer (it has no token).
+_SIGNAL_EVENTS = ExpMessage.any() & ~ExpMessage.ALYX
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument(
         "--timeout", type=_positive_float, default=5.0, metavar="S", help="seconds to wait (5)"
     )
-    send.set_defaults(func=_cmd_send)
+    send.set_defaults(func=_cmd_send, subparser=send)
     return parser
 
 
@@ -195,7 +197,7 @@ async def _demo(n_rigs: int, transport: str, out: TextIO) -> int:
         uris: dict[str, str] = {}
         for name in names:
             rig = RigService(f"{scheme}://127.0.0.1:0", name=name)
-            rig.handle(ExpMessage.any())(_simulated_handler(name))
+            rig.handle(_SIGNAL_EVENTS)(_simulated_handler(name))
             host, port = await tg.start(rig.serve)
             uris[name] = f"{scheme}://{host}:{port}"
         print(f"Started {n_rigs} simulated rigs over {transport.upper()}:", file=out)
@@ -247,7 +249,9 @@ async def _demo(n_rigs: int, transport: str, out: TextIO) -> int:
 def _cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         return anyio.run(_serve, args.uri, args.name, not args.no_ack, args.fail_on)
-    except (ValueError, TypeError, OSError) as exc:
+    except (ValueError, TypeError) as exc:
+        parser.error(f"cannot serve on {args.uri}: {exc}")  # a bad URI: usage error, like send
+    except OSError as exc:
         return _fail(f"cannot serve on {args.uri}: {exc}")
 
 
@@ -262,7 +266,7 @@ async def _serve(uri: str, name: str | None, ack: bool, fail_on: list[ExpMessage
             raise RuntimeError(f"simulated failure of {msg.event.name} (--fail-on)")
         return {"rig": rig.name, "done": _label(msg.event)}
 
-    rig.handle(ExpMessage.any())(handle)
+    rig.handle(_SIGNAL_EVENTS)(handle)
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with rig:
             print(f"rig {rig.name!r} listening on {rig.local_uri} (Ctrl-C to stop)", flush=True)
@@ -275,8 +279,13 @@ async def _serve(uri: str, name: str | None, ack: bool, fail_on: list[ExpMessage
 # ---------------------------------------------------------------------- send
 
 
-def _cmd_send(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _cmd_send(top: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args.subparser
     event: str = args.event
+    if args.arg is not None and event not in ("start", "status", "info"):
+        parser.error(f"{event} takes no EXP_REF or status; pass its data with --data JSON")
+    if args.data is not None and event == "status":
+        parser.error("status takes no --data (use info to send a status with data)")
     if event in ("status", "info") and args.arg is None:
         parser.error(f"{event} needs a status, e.g. `rignet send URI {event} RUNNING`")
     if event in ("status", "info"):
