@@ -562,17 +562,17 @@ class EchoProtocol:
             stats.sent += 1
             if on_sent is not None:
                 on_sent()
-            try:
-                with anyio.fail_after(timeout):
-                    if self._reliable:
-                        await self._retransmit(waiter, payload, target)
-                    else:
-                        await waiter.event.wait()
-            except TimeoutError:
-                # The echo may have been delivered just as the deadline hit.
-                if not waiter.done:
-                    stats.timeouts += 1
-                    raise EchoTimeout(self.name, target, timeout) from None
+            # fail_after's semantics with a bare cancel scope: no context-manager
+            # generator on the hot path.
+            with anyio.CancelScope(deadline=start + timeout) as scope:
+                if self._reliable:
+                    await self._retransmit(waiter, payload, target)
+                else:
+                    await waiter.event.wait()
+            # The echo may have been delivered just as the deadline hit.
+            if scope.cancelled_caught and not waiter.done:
+                stats.timeouts += 1
+                raise EchoTimeout(self.name, target, timeout)
         finally:
             if not waiter.done:
                 # No echo came (timeout, cancellation or error): remember the

@@ -13,12 +13,15 @@ socket streams, framed with :class:`~trio_rignet.StreamDecoder`.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import socket
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
 import anyio
+import trio
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup
 
 from ._errors import FramingError, PeerUnavailable
@@ -128,6 +131,18 @@ def _ip_addr(sockaddr: object) -> Address:
     return (str(sockaddr[0]), int(sockaddr[1]))
 
 
+def _wait_readable_for(sock: socket.socket) -> Callable[[], Awaitable[object]]:
+    """``anyio.wait_readable(sock)`` with the event loop looked up once, not per wake.
+
+    On Trio that is trio's own ``wait_readable``; elsewhere AnyIO's.
+    """
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:  # not running under Trio
+        return functools.partial(anyio.wait_readable, sock)
+    return functools.partial(trio.lowlevel.wait_readable, sock)
+
+
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
@@ -168,8 +183,9 @@ class UDPTransport(Transport):
         sock = self._sock
         assert sock is not None
         recvfrom = sock.recvfrom
+        wait_readable = _wait_readable_for(sock)
         while True:
-            await anyio.wait_readable(sock)
+            await wait_readable()
             for _ in range(_DRAIN):
                 try:
                     data, addr = recvfrom(65536)
