@@ -5,8 +5,9 @@ play a silent rig or a rig that answers faster than any scheduler can interleave
 Every socket binds port 0. Tests wait through events, subscriptions and socket
 reads, never by sleeping; ``anyio.fail_after(SAFETY)`` is only a safety net so a
 bug fails the test instead of hanging it. The only real-time waits are the short
-timeouts a silent or mute rig must run into, and ``move_on_after`` used to cancel
-a call that cannot finish.
+timeouts a silent or mute rig must run into, ``move_on_after`` cancelling a call
+that cannot finish, and one rig handler that takes 50 ms; nothing asserts on
+wall-clock durations (the concurrency test measures Trio's virtual time).
 """
 
 from __future__ import annotations
@@ -67,9 +68,6 @@ REVERSED = {END, INTERRUPT, CLEANUP}
 # Deliberately not in alphabetical order: the given order is what counts.
 NAMES = ["video", "ephys", "timeline", "audio", "wheel", "bpod", "laser", "sync"]
 EXP_REF = "2024-05-01_1_mouse"
-
-trio_only = [pytest.mark.trio, pytest.mark.parametrize("anyio_backend", ["trio"])]
-"""Run with pytest-trio only (the module-wide anyio mark would add an asyncio run)."""
 
 both_modes = pytest.mark.parametrize("concurrent", [True, False], ids=["concurrent", "sequential"])
 
@@ -262,9 +260,7 @@ def same_bytes(signal: bytes) -> bytes | None:
 
 
 @asynccontextmanager
-async def burst_rigs(
-    count: int, reply: Callable[[bytes], bytes | None] = same_bytes
-) -> AsyncIterator[list[BurstRig]]:
+async def burst_rigs(count: int) -> AsyncIterator[list[BurstRig]]:
     """``count`` running :class:`BurstRig` on loopback."""
     with ExitStack() as sockets:
         rigs = []
@@ -272,7 +268,7 @@ async def burst_rigs(
             sock = sockets.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
             sock.setblocking(False)
             sock.bind((LOCALHOST, 0))
-            rigs.append(BurstRig(sock, reply))
+            rigs.append(BurstRig(sock, same_bytes))
         async with anyio.create_task_group() as tg:
             for rig in rigs:
                 tg.start_soon(rig.serve)
@@ -281,9 +277,6 @@ async def burst_rigs(
 
 
 # ------------------------------------------------------------------ every signal, in order
-
-Call = Callable[[Services, bool], Awaitable[dict[str, Any]]]
-Expected = Callable[[str], list[Any]]
 
 
 def answer(name: str, *got: Any) -> dict[str, Any]:
@@ -408,14 +401,14 @@ async def test_rigs_that_answer_after_a_delay(scheme: str, concurrent: bool) -> 
 
         return handler
 
-    async with rig_fleet(["fast", "slow", "instant"], scheme, handlers={"slow": slow}) as fleet:
+    async with rig_fleet(["video", "slow", "ephys"], scheme, handlers={"slow": slow}) as fleet:
         with anyio.fail_after(SAFETY):
             responses = await fleet.services.init("go", concurrent=concurrent)
         assert delay.is_set()
         assert responses == {
-            "fast": [answer("fast", "go")],
+            "video": [answer("video", "go")],
             "slow": ["slowly"],
-            "instant": [answer("instant", "go")],
+            "ephys": [answer("ephys", "go")],
         }
         assert_nothing_registered(fleet.services)
 
@@ -591,6 +584,12 @@ async def test_open_passes_options_and_closes_every_endpoint(scheme: str) -> Non
         assert not services.is_connected
         assert not any(rig.is_connected for rig in services.values())
         assert fleet.services.is_connected
+
+        # An error in the body comes out as itself, every endpoint closed.
+        with pytest.raises(LookupError, match="oops"):
+            async with Services.open(uris) as services:
+                raise LookupError("oops")
+        assert not any(rig.is_connected for rig in services.values())
 
 
 async def test_open_closes_the_others_when_one_fails(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -774,6 +773,8 @@ async def test_cancel_from_a_rig_handler(scheme: str, concurrent: bool) -> None:
 
 
 @pytest.mark.trio
+# pytest-trio runs this test; overriding ``anyio_backend`` keeps the module-wide
+# anyio mark from adding a second, asyncio-labelled run of it.
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 @both_modes
 async def test_concurrent_mode_waits_for_rigs_together(

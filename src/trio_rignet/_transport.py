@@ -16,12 +16,12 @@ import errno
 import functools
 import logging
 import socket
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
 import anyio
-import trio
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup
 
 from ._errors import FramingError, PeerUnavailable
@@ -136,11 +136,15 @@ def _wait_readable_for(sock: socket.socket) -> Callable[[], Awaitable[object]]:
 
     On Trio that is trio's own ``wait_readable``; elsewhere AnyIO's.
     """
-    try:
-        trio.lowlevel.current_task()
-    except RuntimeError:  # not running under Trio
-        return functools.partial(anyio.wait_readable, sock)
-    return functools.partial(trio.lowlevel.wait_readable, sock)
+    trio = sys.modules.get("trio")  # not imported: not running under Trio
+    if trio is not None:
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            pass
+        else:
+            return functools.partial(trio.lowlevel.wait_readable, sock)
+    return functools.partial(anyio.wait_readable, sock)
 
 
 def _family(host: str) -> socket.AddressFamily:
