@@ -7,7 +7,7 @@ private.
 
 from __future__ import annotations
 
-from ._echo import Callback, EchoProtocol, EchoStats, EndpointOptions
+from ._echo import EchoProtocol, EchoStats, EndpointOptions
 from ._errors import (
     EchoTimeout,
     EndpointClosed,
@@ -18,6 +18,7 @@ from ._errors import (
     RemoteError,
     RignetError,
 )
+from ._events import Callback
 from ._framing import StreamDecoder
 from ._messages import (
     LISTEN_PORT,

@@ -9,18 +9,16 @@ task and closes every socket.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, TypedDict
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._errors import (
     EchoTimeout,
@@ -29,6 +27,7 @@ from ._errors import (
     PeerNotAllowed,
     PeerUnavailable,
 )
+from ._events import Callback, Events
 from ._framing import DEFAULT_MAX_MESSAGE_SIZE
 from ._groups import collapse_single
 from ._messages import (
@@ -45,7 +44,6 @@ from ._messages import (
     build_status,
     build_stop,
     encode,
-    event_bits,
     parse_message,
 )
 from ._reliability import PeerFilter, RateLimit, Recent, nonce
@@ -55,14 +53,10 @@ from ._uri import normalize_host, resolve_uri, split_uri
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["Callback", "EchoProtocol", "EchoStats", "EndpointOptions"]
+__all__ = ["EchoProtocol", "EchoStats", "EndpointOptions"]
 
 log = logging.getLogger("trio_rignet.echo")
 
-Callback: TypeAlias = Callable[[Message], "Awaitable[Any] | Any"]
-"""A callback: a plain or async function taking the received :class:`Message`."""
-
-EventLike: TypeAlias = "str | int | ExpMessage"
 StatusLike: TypeAlias = "str | int | ExpStatus"
 
 
@@ -88,7 +82,6 @@ _LATE_ECHOES = 4096
 _LATE_TTL = 60.0
 _DEDUP_TTL = 30.0
 _RTO_MIN = 0.01
-_MAX_CALLBACK_TASKS = 1024
 
 
 class EndpointOptions(TypedDict, total=False):
@@ -157,16 +150,7 @@ class EchoStats:
         return self.rtt_total / self.rtt_count if self.rtt_count else math.nan
 
 
-class _Subscription:
-    __slots__ = ("addr", "dropped", "send")
-
-    def __init__(self, send: MemoryObjectSendStream[Message], addr: Address | None) -> None:
-        self.send = send
-        self.addr = addr
-        self.dropped = 0
-
-
-class EchoProtocol:
+class EchoProtocol(Events):
     """An endpoint of the echo protocol over UDP or TCP.
 
     Do not instantiate directly: use :meth:`server` or :meth:`client`, which
@@ -197,6 +181,7 @@ class EchoProtocol:
         reconnect: bool = False,
         max_connections: int = 256,
     ) -> None:
+        super().__init__()
         if role not in ("client", "server"):
             raise ValueError(f'role must be "server" or "client", not {role!r}')
         self._server_uri = server_uri
@@ -223,8 +208,6 @@ class EchoProtocol:
         self._filter = None if allow is None else PeerFilter(allow)
         self._rng = random.Random()
         self._pending: dict[tuple[Address, bytes], list[_Waiter]] = {}
-        self._subs: dict[int, list[_Subscription]] = {}
-        self._callbacks: dict[int, list[Callback]] = {}
         self._addr_cache: dict[Address, Address] = {}
         # (peer, bytes) whose echo may still come after the send stopped waiting
         self._late = Recent(_LATE_ECHOES, _LATE_TTL)
@@ -232,7 +215,6 @@ class EchoProtocol:
         self._handled = Recent(_LATE_ECHOES * 4, _DEDUP_TTL)
         self._known_peers: set[Address] = set()
         self._refused_log = RateLimit()
-        self._callback_tasks = 0
         self._stats = EchoStats()
         self._tg: TaskGroup | None = None
         self._closing = False
@@ -354,10 +336,7 @@ class EchoProtocol:
             for waiter in waiters:
                 _resolve(waiter, exc)
         self._pending.clear()
-        for subs in self._subs.values():
-            for sub in subs:
-                sub.send.close()
-        self._subs.clear()
+        self._close_subscriptions()
 
     # --------------------------------------------------------------- properties
 
@@ -768,80 +747,6 @@ class EchoProtocol:
         """Transport callback: may ``addr`` connect (TCP) or send to this endpoint?"""
         return self._filter is None or self._filter.allows(addr[0])
 
-    def peer_lost(self, addr: Address, reason: str) -> None:
-        """Transport callback: fail every pending send to ``addr`` at once."""
-        exc = PeerUnavailable(addr, reason)
-        self.logger.info("[%s] %s: %s", self.name, self.uri_of(addr), reason)
-        for key in [k for k in self._pending if k[0] == addr]:
-            for waiter in self._pending.pop(key):
-                _resolve(waiter, exc)
-
-    async def _dispatch(self, msg: Message) -> None:
-        code = int(msg.event)
-        subs = self._subs.get(code)
-        if subs:
-            for sub in subs:
-                if sub.addr is None or sub.addr == msg.addr:
-                    try:
-                        sub.send.send_nowait(msg)
-                    except anyio.WouldBlock:
-                        sub.dropped += 1
-                        self.logger.warning(
-                            "[%s] subscriber buffer full: dropped %s from %s",
-                            self.name,
-                            msg.event.name,
-                            msg.addr,
-                        )
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                        pass
-        callbacks = self._callbacks.get(code)
-        if not callbacks:
-            return
-        for callback in list(callbacks):
-            if inspect.iscoroutinefunction(callback):
-                self._spawn_callback(self._run_async_callback, callback, msg)
-                continue
-            try:
-                result = callback(msg)
-                if inspect.isawaitable(result):
-                    self._spawn_callback(self._await_callback_result, callback, msg, result)
-            except Exception as exc:
-                await self._report_callback_error(callback, msg, exc)
-
-    def _spawn_callback(self, func: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
-        if self._callback_tasks >= _MAX_CALLBACK_TASKS:
-            # A flooding peer must not grow the task count without bound.
-            self.logger.warning(
-                "[%s] %d async callbacks already running: dropped one for %s",
-                self.name,
-                self._callback_tasks,
-                args[1].event.name,
-            )
-            if inspect.iscoroutine(args[-1]):
-                args[-1].close()
-            return
-        assert self._tg is not None
-        self._callback_tasks += 1
-        self._tg.start_soon(func, *args)
-
-    async def _run_async_callback(self, callback: Callback, msg: Message) -> None:
-        try:
-            await callback(msg)
-        except Exception as exc:
-            await self._report_callback_error(callback, msg, exc)
-        finally:
-            self._callback_tasks -= 1
-
-    async def _await_callback_result(
-        self, callback: Callback, msg: Message, result: Awaitable[Any]
-    ) -> None:
-        try:
-            await result
-        except Exception as exc:
-            await self._report_callback_error(callback, msg, exc)
-        finally:
-            self._callback_tasks -= 1
-
     async def _report_callback_error(
         self, callback: Callback, msg: Message, exc: Exception
     ) -> None:
@@ -862,112 +767,13 @@ class EchoProtocol:
                     "[%s] could not report the error to %s: %s", self.name, msg.addr, send_exc
                 )
 
-    # ------------------------------------------------------------------- events
-
-    @asynccontextmanager
-    async def subscribe(
-        self, event: EventLike, *, max_buffer: int = 1024
-    ) -> AsyncIterator[AsyncIterator[Message]]:
-        """Receive every message of ``event`` (or of any of ``a | b``) from now on.
-
-        Registered on entry, so nothing that arrives after entering the block
-        is missed::
-
-            async with rig.subscribe(ExpMessage.EXPSTART | ExpMessage.EXPEND) as messages:
-                async for msg in messages:
-                    ...
-
-        Args:
-            event: an event or a bitwise combination; ``0`` for error reports.
-            max_buffer: messages held while the consumer lags; beyond that new
-                ones are dropped with a warning (the receive loop never blocks).
-
-        The iterator ends when the endpoint closes. Leaving the block
-        unregisters the subscription.
-        """
-        async with self._subscribe(_event_codes(event), None, max_buffer) as messages:
-            yield messages
-
-    @asynccontextmanager
-    async def _subscribe(
-        self, codes: tuple[int, ...], addr: Address | None, max_buffer: int = 1024
-    ) -> AsyncIterator[MemoryObjectReceiveStream[Message]]:
-        self._check_open()
-        send, receive = anyio.create_memory_object_stream[Message](max_buffer)
-        sub = _Subscription(send, addr)
-        for code in codes:
-            self._subs.setdefault(code, []).append(sub)
-        try:
-            with receive:
-                yield receive
-        finally:
-            send.close()
-            for code in codes:
-                subs = self._subs.get(code)
-                if subs is not None and sub in subs:
-                    subs.remove(sub)
-                    if not subs:
-                        del self._subs[code]
-
-    async def on_event(self, event: EventLike) -> Message:
-        """Wait for the next message of ``event`` (or of any event in ``a | b``).
-
-        Registered when called; to be sure not to miss a reply to something
-        you send, use :meth:`subscribe` around the send instead. No timeout:
-        wrap in ``anyio.fail_after``.
-
-        Raises:
-            EndpointClosed: the endpoint closed first.
-
-        Cancellation: the wait is unregistered.
-        """
-        async with self.subscribe(event) as messages:
-            async for msg in messages:
-                return msg
-        raise EndpointClosed(f"{self.name}: endpoint closed while awaiting {event!r}")
-
-    def assign_callback(self, event: EventLike, callback: Callback) -> None:
-        """Call ``callback(message)`` for every message of ``event`` (or ``a | b``).
-
-        Plain functions run inline in the receive task (keep them short);
-        async functions run as tasks in the endpoint's task group and never
-        block receiving. If a callback raises, the error is logged, the sender
-        gets an error report ``[0, "Type: text", event]``, and the other
-        callbacks still run.
-
-        Raises:
-            TypeError: ``callback`` is not callable, or ``event`` is invalid.
-            ValueError: ``event`` is unknown.
-        """
-        if not callable(callback):
-            raise TypeError(f"callback must be a function or async function, not {callback!r}")
-        for code in _event_codes(event):
-            self._callbacks.setdefault(code, []).append(callback)
-
-    def clear_callbacks(self, event: EventLike, callback: Callback | None = None) -> int:
-        """Remove ``callback`` (or all callbacks) for ``event``; return how many were removed."""
-        removed = 0
-        for code in _event_codes(event):
-            callbacks = self._callbacks.get(code)
-            if not callbacks:
-                continue
-            if callback is None:
-                removed += len(callbacks)
-                callbacks.clear()
-            else:
-                kept = [cb for cb in callbacks if cb != callback]
-                removed += len(callbacks) - len(kept)
-                callbacks[:] = kept
-            if not callbacks:
-                del self._callbacks[code]
-        return removed
-
-
-def _event_codes(event: EventLike) -> tuple[int, ...]:
-    value = ExpMessage.validate(event)
-    if not value:
-        return (0,)
-    return tuple(int(bit) for bit in event_bits(value))
+    def peer_lost(self, addr: Address, reason: str) -> None:
+        """Transport callback: fail every pending send to ``addr`` at once."""
+        exc = PeerUnavailable(addr, reason)
+        self.logger.info("[%s] %s: %s", self.name, self.uri_of(addr), reason)
+        for key in [k for k in self._pending if k[0] == addr]:
+            for waiter in self._pending.pop(key):
+                _resolve(waiter, exc)
 
 
 def _event_name(code: int) -> str:

@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from ._echo import EchoProtocol, EventLike, _event_codes
+from ._echo import EchoProtocol
 from ._errors import RignetError
+from ._events import EventLike, event_codes
 from ._groups import collapse_single
 from ._messages import LISTEN_PORT, ExpMessage, Message, build_error, encode
 from ._transport import Address
@@ -98,7 +99,7 @@ class RigService:
         def register(handler: _H) -> _H:
             if not callable(handler):
                 raise TypeError(f"handler must be a function or async function, not {handler!r}")
-            for code in _event_codes(event):
+            for code in event_codes(event):
                 self._handlers[code] = handler
             return handler
 

@@ -16,8 +16,9 @@ from typing import Any, NoReturn
 import anyio
 from anyio.abc import TaskStatus
 
-from ._echo import Callback, EchoProtocol, EventLike, StatusLike, _event_codes
+from ._echo import EchoProtocol, StatusLike
 from ._errors import EndpointClosed, RemoteError, RignetError
+from ._events import Callback, EventLike, event_codes
 from ._groups import collapse_single
 from ._messages import (
     AlyxLike,
@@ -363,7 +364,7 @@ class Services(Mapping[str, EchoProtocol]):
 
         async def one(name: str, rig: EchoProtocol) -> None:
             try:
-                async with rig._subscribe(_event_codes(value), None) as replies:
+                async with rig._subscribe(event_codes(value), None) as replies:
                     responses[name] = await self._completion(name, value, replies)
             except (RignetError, OSError) as exc:
                 failures[name] = exc
