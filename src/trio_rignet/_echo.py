@@ -545,7 +545,7 @@ class EchoProtocol(Events):
             # generator on the hot path.
             with anyio.CancelScope(deadline=start + timeout) as scope:
                 if self._reliable:
-                    await self._retransmit(waiter, payload, target)
+                    await self._retransmit(waiter, payload, target, timeout)
                 else:
                     await waiter.event.wait()
             # The echo may have been delivered just as the deadline hit.
@@ -577,12 +577,20 @@ class EchoProtocol(Events):
     def _bury(self, key: tuple[Address, bytes]) -> None:
         self._late.add(key, anyio.current_time(), uses=1 << 30 if self._reliable else 1)
 
-    async def _retransmit(self, waiter: _Waiter, payload: bytes, target: Address) -> None:
-        """Wait for the echo, resending with exponential backoff (reliable mode)."""
+    async def _retransmit(
+        self, waiter: _Waiter, payload: bytes, target: Address, timeout: float
+    ) -> None:
+        """Wait for the echo, resending with exponential backoff (reliable mode).
+
+        The first resend comes after 4x the mean round trip (at least 10 ms);
+        the interval doubles up to an eighth of the timeout, so a send keeps
+        being retried until its timeout however slow the first round trips were.
+        """
         stats = self._stats
         rto = max(_RTO_MIN, 4 * stats.rtt_mean) if stats.rtt_count else 4 * _RTO_MIN
+        max_rto = max(4 * _RTO_MIN, timeout / 8)
         while True:
-            with anyio.move_on_after(rto):
+            with anyio.move_on_after(min(rto, max_rto)):
                 await waiter.event.wait()
             if waiter.done:
                 return
