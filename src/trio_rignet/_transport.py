@@ -6,8 +6,9 @@ echoes or events.
 
 UDP uses a non-blocking standard socket driven by ``anyio.wait_readable``:
 a datagram send is a single system call, so concurrent senders never contend
-for a lock, and every wake-up drains all queued datagrams. TCP uses AnyIO
-socket streams, framed with :class:`~trio_rignet.StreamDecoder`.
+for a lock, and every wake-up drains all queued datagrams. TCP works the
+same way on non-blocking stream sockets, framed with
+:class:`~trio_rignet.StreamDecoder`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 import socket
 import sys
 from abc import ABC, abstractmethod
@@ -22,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
 import anyio
-from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup
+from anyio.abc import TaskGroup
 
 from ._errors import FramingError, PeerUnavailable
 from ._framing import StreamDecoder
@@ -242,19 +244,86 @@ class UDPTransport(Transport):
 
 
 class _Connection:
-    """One TCP stream: its peer, decoder and send lock."""
+    """One TCP connection: a non-blocking socket, its peer, decoder and send lock.
 
-    __slots__ = ("decoder", "lock", "peer", "stream")
+    A send that the kernel takes whole is one system call with no lock; the
+    lock is claimed (synchronously) only when a write is partial, and held
+    until the rest is written, so bytes of two messages never interleave.
+    """
 
-    def __init__(self, stream: SocketStream, peer: Address, max_message_size: int) -> None:
-        self.stream = stream
+    __slots__ = ("closed", "decoder", "lock", "peer", "sock")
+
+    def __init__(self, sock: socket.socket, peer: Address, max_message_size: int) -> None:
+        self.sock = sock
         self.peer = peer
         self.decoder = StreamDecoder(max_message_size)
         self.lock = anyio.Lock()
+        self.closed = False
+
+    async def send(self, data: bytes) -> None:
+        if self.closed:
+            raise BrokenPipeError("connection closed")
+        lock = self.lock
+        if not lock.locked():
+            sent = _send_some(self.sock, data)
+            if sent == len(data):
+                return
+            lock.acquire_nowait()  # claim the stream before the first await
+            try:
+                await self._send_rest(memoryview(data)[sent:])
+            finally:
+                lock.release()
+            return
+        async with lock:
+            await self._send_rest(memoryview(data))
+
+    async def _send_rest(self, view: memoryview) -> None:
+        while view:
+            await anyio.wait_writable(self.sock)
+            if self.closed:
+                raise BrokenPipeError("connection closed")
+            view = view[_send_some(self.sock, view) :]
+
+    def close(self) -> None:
+        """Close the socket, waking any task waiting on it. Idempotent."""
+        if not self.closed:
+            self.closed = True
+            anyio.notify_closing(self.sock)
+            self.sock.close()
+
+
+def _send_some(sock: socket.socket, data: bytes | memoryview) -> int:
+    try:
+        return sock.send(data)
+    except BlockingIOError:
+        return 0
+
+
+def _tcp_socket(host: str) -> socket.socket:
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    sock.setblocking(False)
+    return sock
+
+
+async def _connect(host: str, port: int) -> socket.socket:
+    sock = _tcp_socket(host)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.connect((host, port))
+        except BlockingIOError:
+            await anyio.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err)) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class TCPTransport(Transport):
-    """A listener and its accepted streams (server), or one stream (client)."""
+    """A listening socket and its accepted connections (server), or one connection (client)."""
 
     kind = "tcp"
 
@@ -272,7 +341,7 @@ class TCPTransport(Transport):
         self.reconnect = reconnect
         self.max_connections = max_connections
         self._refused_log = RateLimit()
-        self._listener: SocketListener | None = None
+        self._listener: socket.socket | None = None
         self._conns: dict[Address, _Connection] = {}
         self._client_conn: _Connection | None = None
 
@@ -286,19 +355,28 @@ class TCPTransport(Transport):
 
     async def open(self) -> None:
         if self.role == "server":
-            multi = await anyio.create_tcp_listener(local_host=self.host, local_port=self.port)
-            listener = multi.listeners[0]
-            assert isinstance(listener, SocketListener)
-            self._listener = listener
-            self.local_address = _ip_addr(listener.extra(SocketAttribute.local_address))
-        else:
+            sock = _tcp_socket(self.host)
             try:
-                stream = await anyio.connect_tcp(self.host, self.port)
-            except OSError as exc:
-                raise PeerUnavailable(self.peer, f"cannot connect over TCP: {exc}") from exc
-            self.local_address = _ip_addr(stream.extra(SocketAttribute.local_address))
-            self._client_conn = _Connection(stream, self.peer, self.max_message_size)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((self.host, self.port))
+                sock.listen(128)
+            except BaseException:
+                sock.close()
+                raise
+            self._listener = sock
+            self.local_address = _ip_addr(sock.getsockname())
+            await anyio.lowlevel.checkpoint()
+        else:
+            self._client_conn = await self._connect_client()
         self._set_connected(True)
+
+    async def _connect_client(self) -> _Connection:
+        try:
+            sock = await _connect(self.host, self.port)
+        except OSError as exc:
+            raise PeerUnavailable(self.peer, f"cannot connect over TCP: {exc}") from exc
+        self.local_address = _ip_addr(sock.getsockname())
+        return _Connection(sock, self.peer, self.max_message_size)
 
     def start(self, tg: TaskGroup, handler: Handler) -> None:
         if self._listener is not None:
@@ -315,54 +393,62 @@ class TCPTransport(Transport):
             while True:  # reconnect with backoff, until cancelled (endpoint closing)
                 await anyio.sleep(delay)
                 try:
-                    stream = await anyio.connect_tcp(self.host, self.port)
-                except OSError:
+                    conn = await self._connect_client()
+                except PeerUnavailable:
                     delay = min(delay * 2, 2.0)
                     continue
-                conn = _Connection(stream, self.peer, self.max_message_size)
                 self._client_conn = conn
                 self._set_connected(True)
-                self.local_address = _ip_addr(stream.extra(SocketAttribute.local_address))
                 log.info("TCP client reconnected to %s", self.peer)
                 delay = 0.05
                 break
 
     async def _accept_loop(self, tg: TaskGroup, handler: Handler) -> None:
-        assert self._listener is not None
+        listener = self._listener
+        assert listener is not None
         while True:
+            await anyio.wait_readable(listener)
             try:
-                stream = await self._listener.accept()
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                return
+                sock, sockaddr = listener.accept()
+            except BlockingIOError:
+                continue
             except OSError as exc:  # pragma: no cover - EMFILE and friends
                 log.warning("TCP accept on %s failed: %s", self.local_address, exc)
                 await anyio.sleep(0.1)
                 continue
-            peer = _ip_addr(stream.extra(SocketAttribute.remote_address))
+            peer = _ip_addr(sockaddr)
             if not handler.allows(peer) or len(self._conns) >= self.max_connections:
                 if self._refused_log.ready(anyio.current_time()):
                     why = "not allowed" if len(self._conns) < self.max_connections else "too many"
                     count = self._refused_log.take()
                     log.warning("TCP connection from %s refused (%s; %d refused)", peer, why, count)
-                with anyio.CancelScope(shield=True):
-                    await stream.aclose()
+                sock.close()
                 continue
-            conn = _Connection(stream, peer, self.max_message_size)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Connection(sock, peer, self.max_message_size)
             self._conns[peer] = conn
             tg.start_soon(self._receive_loop, conn, handler, name=f"tcp receive {peer}")
 
     async def _receive_loop(self, conn: _Connection, handler: Handler) -> None:
         reason = "closed the connection"
+        sock = conn.sock
+        recv = sock.recv
+        feed = conn.decoder.feed
+        wait_readable = _wait_readable_for(sock)
         try:
             while True:
+                await wait_readable()
                 try:
-                    chunk = await conn.stream.receive()
-                except anyio.EndOfStream:
+                    chunk = recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    break  # reset by the peer
+                if not chunk:
                     conn.decoder.eof()
                     break
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    break
-                for raw in conn.decoder.feed(chunk):
+                for raw in feed(chunk):
                     await handler.message_received(raw, conn.peer)
         except FramingError as exc:
             reason = f"sent a stream that cannot be framed ({exc}); disconnected"
@@ -373,8 +459,7 @@ class TCPTransport(Transport):
             if conn is self._client_conn:
                 self._client_conn = None
                 self._set_connected(False)
-            with anyio.CancelScope(shield=True):
-                await conn.stream.aclose()
+            conn.close()
         handler.peer_lost(conn.peer, reason)
 
     def _connection(self, addr: Address) -> _Connection:
@@ -388,9 +473,8 @@ class TCPTransport(Transport):
     async def send(self, data: bytes, addr: Address) -> None:
         conn = self._connection(addr)
         try:
-            async with conn.lock:
-                await conn.stream.send(data)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            await conn.send(data)
+        except (OSError, anyio.ClosedResourceError) as exc:
             raise PeerUnavailable(addr, "the TCP connection was lost") from exc
 
     async def aclose(self) -> None:
@@ -403,8 +487,9 @@ class TCPTransport(Transport):
             conns.append(self._client_conn)
         self._conns.clear()
         self._client_conn = None
-        with anyio.CancelScope(shield=True):
-            for conn in conns:
-                await conn.stream.aclose()
-            if self._listener is not None:
-                await self._listener.aclose()
+        for conn in conns:
+            conn.close()
+        if self._listener is not None:
+            anyio.notify_closing(self._listener)
+            self._listener.close()
+        await anyio.lowlevel.checkpoint_if_cancelled()
