@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, TypeAlias
@@ -22,7 +23,7 @@ from ._errors import EndpointClosed
 from ._messages import ExpMessage, Message, event_bits
 from ._transport import Address
 
-__all__ = ["Callback", "EventLike", "Events", "event_codes"]
+__all__ = ["Callback", "Collector", "EventLike", "Events", "event_codes"]
 
 Callback: TypeAlias = Callable[[Message], "Awaitable[Any] | Any"]
 """A callback: a plain or async function taking the received :class:`Message`."""
@@ -30,15 +31,74 @@ Callback: TypeAlias = Callable[[Message], "Awaitable[Any] | Any"]
 EventLike: TypeAlias = "str | int | ExpMessage"
 
 _MAX_CALLBACK_TASKS = 1024
+_COLLECTOR_LIMIT = 1024
 
 
 class _Subscription:
+    """A public subscription: a bounded memory stream the subscriber iterates."""
+
     __slots__ = ("addr", "dropped", "send")
 
     def __init__(self, send: MemoryObjectSendStream[Message], addr: Address | None) -> None:
         self.send = send
         self.addr = addr
         self.dropped = 0
+
+    def deliver(self, msg: Message, owner: Events) -> None:
+        try:
+            self.send.send_nowait(msg)
+        except anyio.WouldBlock:
+            self.dropped += 1
+            owner.logger.warning(
+                "[%s] subscriber buffer full: dropped %s from %s",
+                owner.name,
+                msg.event.name,
+                msg.addr,
+            )
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+
+    def close(self) -> None:
+        self.send.close()
+
+
+class Collector:
+    """An internal wait for messages: a short queue and an Event, registered synchronously.
+
+    Lighter than a subscription's memory stream and async context manager, for
+    the per-rig, per-signal waits of :class:`~trio_rignet.Services`.
+    """
+
+    __slots__ = ("addr", "closed", "event", "queue")
+
+    def __init__(self, addr: Address | None) -> None:
+        self.addr = addr
+        self.queue: deque[Message] = deque()
+        self.event = anyio.Event()
+        self.closed = False
+
+    def deliver(self, msg: Message, owner: Events) -> None:
+        if len(self.queue) < _COLLECTOR_LIMIT:
+            self.queue.append(msg)
+            self.event.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.event.set()
+
+    async def get(self) -> Message:
+        """The next message.
+
+        Raises:
+            EndpointClosed: the endpoint closed first.
+        """
+        while not self.queue:
+            if self.closed:
+                raise EndpointClosed("endpoint closed while awaiting a message")
+            if self.event.is_set():
+                self.event = anyio.Event()
+            await self.event.wait()
+        return self.queue.popleft()
 
 
 class Events:
@@ -49,7 +109,7 @@ class Events:
     _tg: TaskGroup | None
 
     def __init__(self) -> None:
-        self._subs: dict[int, list[_Subscription]] = {}
+        self._subs: dict[int, list[_Subscription | Collector]] = {}
         self._callbacks: dict[int, list[Callback]] = {}
         self._callback_tasks = 0
 
@@ -64,8 +124,27 @@ class Events:
     def _close_subscriptions(self) -> None:
         for subs in self._subs.values():
             for sub in subs:
-                sub.send.close()
+                sub.close()
         self._subs.clear()
+
+    def _collect(self, codes: tuple[int, ...], addr: Address | None = None) -> Collector:
+        """Register a :class:`Collector` for ``codes``; pair with :meth:`_uncollect`."""
+        self._check_open()
+        collector = Collector(addr)
+        for code in codes:
+            self._subs.setdefault(code, []).append(collector)
+        return collector
+
+    def _uncollect(self, collector: Collector, codes: tuple[int, ...]) -> None:
+        self._unregister(collector, codes)
+
+    def _unregister(self, sub: _Subscription | Collector, codes: tuple[int, ...]) -> None:
+        for code in codes:
+            subs = self._subs.get(code)
+            if subs is not None and sub in subs:
+                subs.remove(sub)
+                if not subs:
+                    del self._subs[code]
 
     async def _dispatch(self, msg: Message) -> None:
         code = int(msg.event)
@@ -73,18 +152,7 @@ class Events:
         if subs:
             for sub in subs:
                 if sub.addr is None or sub.addr == msg.addr:
-                    try:
-                        sub.send.send_nowait(msg)
-                    except anyio.WouldBlock:
-                        sub.dropped += 1
-                        self.logger.warning(
-                            "[%s] subscriber buffer full: dropped %s from %s",
-                            self.name,
-                            msg.event.name,
-                            msg.addr,
-                        )
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                        pass
+                    sub.deliver(msg, self)
         callbacks = self._callbacks.get(code)
         if not callbacks:
             return
@@ -171,12 +239,7 @@ class Events:
                 yield receive
         finally:
             send.close()
-            for code in codes:
-                subs = self._subs.get(code)
-                if subs is not None and sub in subs:
-                    subs.remove(sub)
-                    if not subs:
-                        del self._subs[code]
+            self._unregister(sub, codes)
 
     async def on_event(self, event: EventLike) -> Message:
         """Wait for the next message of ``event`` (or of any event in ``a | b``).

@@ -9,6 +9,7 @@ that answers at once is never missed.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn
@@ -17,8 +18,8 @@ import anyio
 from anyio.abc import TaskStatus
 
 from ._echo import EchoProtocol, StatusLike
-from ._errors import EndpointClosed, RemoteError, RignetError
-from ._events import Callback, EventLike, event_codes
+from ._errors import RemoteError, RignetError
+from ._events import Callback, Collector, EventLike, event_codes
 from ._groups import collapse_single
 from ._messages import (
     AlyxLike,
@@ -362,10 +363,15 @@ class Services(Mapping[str, EchoProtocol]):
         responses: dict[str, Any] = {}
         failures: dict[str, BaseException] = {}
 
+        codes = event_codes(value)
+
         async def one(name: str, rig: EchoProtocol) -> None:
             try:
-                async with rig._subscribe(event_codes(value), None) as replies:
+                replies = rig._collect(codes)
+                try:
                     responses[name] = await self._completion(name, value, replies)
+                finally:
+                    rig._uncollect(replies, codes)
             except (RignetError, OSError) as exc:
                 failures[name] = exc
 
@@ -395,8 +401,9 @@ class Services(Mapping[str, EchoProtocol]):
             next_turn: anyio.Event | None = None,
         ) -> None:
             try:
-                rig._check_open()
-                async with rig._subscribe(codes, None) as replies:
+                # Registered before the signal goes out: an instant reply is not missed.
+                replies = rig._collect(codes)
+                try:
                     if my_turn is not None:
                         await my_turn.wait()
                     await rig._confirmed_send(
@@ -406,6 +413,8 @@ class Services(Mapping[str, EchoProtocol]):
                         None if next_turn is None else next_turn.set,
                     )
                     responses[name] = await self._completion(name, event, replies)
+                finally:
+                    rig._uncollect(replies, codes)
             except (RignetError, OSError) as exc:
                 failures[name] = exc
             finally:
@@ -426,20 +435,21 @@ class Services(Mapping[str, EchoProtocol]):
                 await one(name, rig)
         return self._result(event, responses, failures)
 
-    async def _completion(self, name: str, event: ExpMessage, replies: AsyncIterator[Any]) -> Any:
+    async def _completion(self, name: str, event: ExpMessage, replies: Collector) -> Any:
+        """The data of the rig's completion update; a bare cancel scope bounds the wait."""
         timeout = self.timeout or None
-        try:
-            with anyio.fail_after(timeout):
-                async for msg in replies:
-                    if msg.event:
-                        return msg.data
-                    text, code = msg.data
-                    if code == event:
-                        raise RemoteError(msg.addr, text, event)
-        except TimeoutError:
-            assert timeout is not None
-            raise CompletionTimeout(name, event, timeout) from None
-        raise EndpointClosed(f"{name}: endpoint closed while awaiting {event.name} completion")
+        deadline = math.inf if timeout is None else anyio.current_time() + timeout
+        with anyio.CancelScope(deadline=deadline) as scope:
+            while True:
+                msg = await replies.get()
+                if msg.event:
+                    return msg.data
+                text, code = msg.data
+                if code == event:
+                    raise RemoteError(msg.addr, text, event)
+        assert scope.cancelled_caught
+        assert timeout is not None
+        raise CompletionTimeout(name, event, timeout)
 
     def _result(
         self, event: ExpMessage, responses: dict[str, Any], failures: dict[str, BaseException]
