@@ -18,7 +18,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from ._echo import EchoProtocol
-from ._errors import RignetError
+from ._errors import EndpointClosed, RignetError
 from ._events import EventLike, event_codes
 from ._groups import collapse_single
 from ._messages import LISTEN_PORT, ExpMessage, Message, build_error, encode
@@ -173,10 +173,16 @@ class RigService:
     async def _receive(
         self, endpoint: EchoProtocol, tg: TaskGroup, *, task_status: TaskStatus[None]
     ) -> None:
-        async with endpoint.subscribe(_SIGNALS) as messages:
+        codes = event_codes(_SIGNALS)
+        signals = endpoint._collect(codes)
+        try:
             task_status.started()
-            async for msg in messages:
-                tg.start_soon(self._handle, endpoint, msg)
+            while True:
+                tg.start_soon(self._handle, endpoint, await signals.get())
+        except EndpointClosed:
+            return  # the endpoint closed under us: nothing more to serve
+        finally:
+            endpoint._uncollect(signals, codes)
 
     async def _handle(self, endpoint: EchoProtocol, msg: Message) -> None:
         handler = self._handlers.get(int(msg.event))
