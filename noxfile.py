@@ -68,7 +68,9 @@ def bench(session: nox.Session) -> None:
     docs/_static/services_scaling.png. Options after ``--`` go to
     benchmarks/run.py (``--help`` lists them).
     """
-    session.install(".")
+    # Editable, so a reused environment always measures the working tree (a plain
+    # install of an unchanged version number is not replaced).
+    session.install("-e", ".")
     session.install("--no-deps", "iblutil==1.20.0", "colorlog", "numpy")
     session.install("matplotlib")
     session.run("python", "benchmarks/run.py", *session.posargs)
