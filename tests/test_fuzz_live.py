@@ -1,0 +1,108 @@
+"""Live endpoints fuzzed with Hypothesis, and a flooding peer that cannot starve the others."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import anyio
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from trio_rignet import EchoProtocol, Message
+
+pytestmark = pytest.mark.anyio
+
+# One backend parameter per test is fine across examples: suppress the check
+# against function-scoped fixtures with @given.
+_live = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+# Near-valid messages (any code, any shape) mixed with raw bytes.
+_near_messages = st.lists(st.integers(-2, 300) | _json, min_size=0, max_size=4).map(
+    lambda xs: json.dumps(xs).encode()
+)
+_datagrams = st.lists(st.binary(max_size=600) | _near_messages, max_size=15)
+
+
+def _uri(scheme: str, endpoint: EchoProtocol) -> str:
+    host, port = endpoint.local_address
+    return f"{scheme}://{host}:{port}"
+
+
+@_live
+@given(datagrams=_datagrams)
+async def test_udp_endpoint_survives_any_datagrams(datagrams: list[bytes]) -> None:
+    got: list[Message] = []
+    async with EchoProtocol.server("udp://127.0.0.1:0") as rig:
+        rig.assign_callback("init", got.append)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+            for datagram in datagrams:
+                raw.sendto(datagram, rig.local_address)
+        async with EchoProtocol.client(_uri("udp", rig), echo_timeout=5) as main:
+            await main.init("valid")
+        stats = rig.stats
+        assert stats.received == len(datagrams) + 1
+        assert stats.dropped + stats.echoed <= stats.received
+        assert got[-1].data == ["valid"]
+
+
+@_live
+@given(chunks=st.lists(st.binary(min_size=1, max_size=300) | _near_messages, max_size=10))
+async def test_tcp_endpoint_survives_any_stream(chunks: list[bytes]) -> None:
+    async with EchoProtocol.server("ws://127.0.0.1:0", max_message_size=1024) as rig:
+        async with await anyio.connect_tcp(*rig.local_address) as raw:
+            try:
+                for chunk in chunks:
+                    await raw.send(chunk)
+            except (anyio.BrokenResourceError, OSError):
+                pass  # the server hung up on an unframeable stream: allowed
+        async with EchoProtocol.client(_uri("ws", rig), echo_timeout=5) as main:
+            await main.init("valid")
+            assert main.stats.confirmed == 1
+
+
+async def test_a_peer_that_never_reads_stalls_only_itself() -> None:
+    """Echoes to a peer that does not read back up on its own connection only."""
+    message = b"[1, null]"
+    async with (
+        EchoProtocol.server("ws://127.0.0.1:0") as rig,
+        anyio.create_task_group() as tg,
+    ):
+        flooder = await anyio.connect_tcp(*rig.local_address)
+        flooded = anyio.Event()
+
+        async def flood() -> None:
+            chunk = message * 10_000
+            sent = 0
+            try:
+                while True:
+                    await flooder.send(chunk)  # never reads the echoes
+                    sent += len(chunk)
+                    if sent > 4_000_000:
+                        flooded.set()
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+
+        async with flooder:
+            tg.start_soon(flood)
+            with anyio.fail_after(30):
+                await flooded.wait()  # the server has taken megabytes from it
+            async with EchoProtocol.client(_uri("ws", rig), echo_timeout=5) as good:
+                for i in range(20):
+                    await good.init(i)
+                assert good.stats.confirmed == 20
+            tg.cancel_scope.cancel()
+        assert rig.stats.received > 100_000
+        # The stalled connection holds at most one chunk and one echo, not the flood.
+        conn = next(iter(rig._transport._conns.values()), None)  # type: ignore[attr-defined]
+        assert conn is None or conn.decoder.buffered <= 65536
