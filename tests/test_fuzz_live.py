@@ -9,6 +9,7 @@ import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.helpers import uri_of
 
 from trio_rignet import EchoProtocol, Message
 
@@ -34,11 +35,6 @@ _near_messages = st.lists(st.integers(-2, 300) | _json, min_size=0, max_size=4).
 _datagrams = st.lists(st.binary(max_size=600) | _near_messages, max_size=15)
 
 
-def _uri(scheme: str, endpoint: EchoProtocol) -> str:
-    host, port = endpoint.local_address
-    return f"{scheme}://{host}:{port}"
-
-
 @_live
 @given(datagrams=_datagrams)
 async def test_udp_endpoint_survives_any_datagrams(datagrams: list[bytes]) -> None:
@@ -48,7 +44,7 @@ async def test_udp_endpoint_survives_any_datagrams(datagrams: list[bytes]) -> No
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
             for datagram in datagrams:
                 raw.sendto(datagram, rig.local_address)
-        async with EchoProtocol.client(_uri("udp", rig), echo_timeout=5) as main:
+        async with EchoProtocol.client(uri_of(rig), echo_timeout=5) as main:
             await main.init("valid")
         stats = rig.stats
         assert stats.received == len(datagrams) + 1
@@ -66,7 +62,7 @@ async def test_tcp_endpoint_survives_any_stream(chunks: list[bytes]) -> None:
                     await raw.send(chunk)
             except (anyio.BrokenResourceError, OSError):
                 pass  # the server hung up on an unframeable stream: allowed
-        async with EchoProtocol.client(_uri("ws", rig), echo_timeout=5) as main:
+        async with EchoProtocol.client(uri_of(rig), echo_timeout=5) as main:
             await main.init("valid")
             assert main.stats.confirmed == 1
 
@@ -97,7 +93,7 @@ async def test_a_peer_that_never_reads_stalls_only_itself() -> None:
             tg.start_soon(flood)
             with anyio.fail_after(30):
                 await flooded.wait()  # the server has taken megabytes from it
-            async with EchoProtocol.client(_uri("ws", rig), echo_timeout=5) as good:
+            async with EchoProtocol.client(uri_of(rig), echo_timeout=5) as good:
                 for i in range(20):
                     await good.init(i)
                 assert good.stats.confirmed == 20

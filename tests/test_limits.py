@@ -6,6 +6,7 @@ import logging
 
 import anyio
 import pytest
+from tests.helpers import uri_of
 
 import trio_rignet._events
 from trio_rignet import EchoProtocol, Message, PeerUnavailable
@@ -13,16 +14,11 @@ from trio_rignet import EchoProtocol, Message, PeerUnavailable
 pytestmark = pytest.mark.anyio
 
 
-def _uri(scheme: str, endpoint: EchoProtocol) -> str:
-    host, port = endpoint.local_address
-    return f"{scheme}://{host}:{port}"
-
-
 async def test_full_subscriber_buffer_drops_new_messages(caplog: pytest.LogCaptureFixture) -> None:
     async with EchoProtocol.server("udp://127.0.0.1:0") as rig:
         async with (
             rig.subscribe("init", max_buffer=2) as messages,
-            EchoProtocol.client(_uri("udp", rig)) as main,
+            EchoProtocol.client(uri_of(rig)) as main,
         ):
             with caplog.at_level(logging.WARNING, logger="trio_rignet"):
                 for i in range(5):
@@ -48,7 +44,7 @@ async def test_async_callbacks_are_capped(
 
     async with EchoProtocol.server("udp://127.0.0.1:0") as rig:
         rig.assign_callback("init", slow)
-        async with EchoProtocol.client(_uri("udp", rig)) as main:
+        async with EchoProtocol.client(uri_of(rig)) as main:
             with caplog.at_level(logging.WARNING, logger="trio_rignet"):
                 for i in range(5):
                     await main.init(i)
@@ -66,10 +62,10 @@ async def test_async_callbacks_are_capped(
 async def test_tcp_connections_beyond_the_cap_are_refused() -> None:
     async with (
         EchoProtocol.server("ws://127.0.0.1:0", max_connections=1) as rig,
-        EchoProtocol.client(_uri("ws", rig)) as first,
+        EchoProtocol.client(uri_of(rig)) as first,
     ):
         await first.init("first")
-        async with EchoProtocol.client(_uri("ws", rig), echo_timeout=5) as second:
+        async with EchoProtocol.client(uri_of(rig), echo_timeout=5) as second:
             with anyio.fail_after(10), pytest.raises(PeerUnavailable):
                 await second.init("second")  # the server hangs up at once
             assert not second.is_connected
