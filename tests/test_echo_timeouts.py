@@ -199,3 +199,26 @@ async def test_late_echo_is_swallowed(autojump_clock: trio.testing.MockClock, sc
         # Nothing else was dispatched: only the peer's own message.
         with pytest.raises(anyio.WouldBlock):
             at_client.receive_nowait()
+
+
+@pytest.mark.trio
+async def test_lost_echo_of_unconfirmed_send_expires(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An unconfirmed send whose echo never comes must not swallow the peer's later message.
+
+    The expected echo is remembered for two echo timeouts; after that, the same bytes
+    from the peer are a new message.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.bind((LOCALHOST, 0))
+        host, port = peer.getsockname()
+        async with EchoProtocol.client(f"udp://{host}:{port}", echo_timeout=1.0) as cli:
+            await cli.send(b"[1, null]")  # the peer never echoes it
+            _, client_addr = peer.recvfrom(100)
+            await trio.sleep(2.5)  # past two echo timeouts (virtual time)
+            async with cli.subscribe("init") as messages:
+                peer.sendto(b"[1, null]", client_addr)  # the peer's own message, same bytes
+                with trio.fail_after(5):
+                    msg = await messages.__anext__()
+            assert msg.data == [None]

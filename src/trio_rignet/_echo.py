@@ -475,7 +475,9 @@ class EchoProtocol(Events):
         key = (target, payload)
         expect_echo = not payload.startswith(b"[0,")
         if expect_echo:
-            self._late.add(key, anyio.current_time())
+            # Short-lived: if the echo is lost, an identical message the peer sends
+            # later must not be swallowed in its place.
+            self._late.add(key, anyio.current_time(), ttl=2 * self.default_echo_timeout)
         try:
             await self._transport.send(payload, target)
         except BaseException:

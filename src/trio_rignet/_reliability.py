@@ -50,11 +50,14 @@ class Recent:
     def __bool__(self) -> bool:
         return bool(self._entries)
 
-    def add(self, key: Hashable, now: float, uses: int = 1) -> None:
-        """Remember ``key`` for ``uses`` more matches (added to any it has left)."""
+    def add(self, key: Hashable, now: float, uses: int = 1, ttl: float | None = None) -> None:
+        """Remember ``key`` for ``uses`` more matches (added to any it has left).
+
+        ``ttl`` overrides the map's default lifetime for this entry.
+        """
         entries = self._entries
         left = entries.pop(key, (0, 0.0))[0]
-        entries[key] = (left + uses, now + self.ttl)
+        entries[key] = (left + uses, now + (self.ttl if ttl is None else ttl))
         while len(entries) > self.capacity:
             entries.popitem(last=False)
 
