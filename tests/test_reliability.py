@@ -132,13 +132,13 @@ async def test_reliable_mode_without_faults_sends_valid_iblutil_json() -> None:
 
     seen: list[bytes] = []
     async with EchoProtocol.server("udp://127.0.0.1:0") as plain:
-        original = plain.message_received
+        original = plain._message_received
 
         async def spy(raw: bytes, addr: tuple[str, int]) -> None:
             seen.append(raw)
             await original(raw, addr)
 
-        plain.message_received = spy  # type: ignore[method-assign]
+        plain._message_received = spy  # type: ignore[method-assign]
         async with EchoProtocol.client(_uri("udp", plain.local_address), reliable=True) as main:
             await main.init({"a": 1})
             await main.init({"a": 1})

@@ -602,7 +602,10 @@ class EchoProtocol(Events):
             rto *= 2
 
     async def init(self, data: Any = None, addr: Address | None = None) -> None:
-        """Signal EXPINIT ``[1, data]`` and wait for its echo (see :meth:`confirmed_send`)."""
+        """Signal EXPINIT ``[1, data]`` and wait for its echo.
+
+        Raises and cancellation as :meth:`confirmed_send`.
+        """
         await self.confirmed_send(build_init(data), addr)
 
     async def start(
@@ -611,26 +614,38 @@ class EchoProtocol(Events):
         """Signal EXPSTART ``[2, exp_ref, data]`` and wait for its echo.
 
         ``exp_ref`` is ``"yyyy-mm-dd_n_subject"`` or a dict with ``date``,
-        ``sequence`` and ``subject``.
+        ``sequence`` and ``subject``. Raises and cancellation as :meth:`confirmed_send`.
         """
         await self.confirmed_send(build_start(exp_ref, data), addr)
 
     async def stop(
         self, data: Any = None, immediately: bool = False, addr: Address | None = None
     ) -> None:
-        """Signal EXPEND ``[4, data]`` (EXPINTERRUPT ``[16, data]`` if ``immediately``)."""
+        """Signal EXPEND ``[4, data]`` (EXPINTERRUPT ``[16, data]`` if ``immediately``).
+
+        Raises and cancellation as :meth:`confirmed_send`.
+        """
         await self.confirmed_send(build_stop(data, immediately), addr)
 
     async def cleanup(self, data: Any = None, addr: Address | None = None) -> None:
-        """Signal EXPCLEANUP ``[8, data]`` and wait for its echo."""
+        """Signal EXPCLEANUP ``[8, data]`` and wait for its echo.
+
+        Raises and cancellation as :meth:`confirmed_send`.
+        """
         await self.confirmed_send(build_cleanup(data), addr)
 
     async def status(self, status: StatusLike, addr: Address | None = None) -> None:
-        """Send EXPSTATUS ``[32, status]`` and wait for its echo."""
+        """Send EXPSTATUS ``[32, status]`` and wait for its echo.
+
+        Raises and cancellation as :meth:`confirmed_send`.
+        """
         await self.confirmed_send(build_status(status), addr)
 
     async def info(self, status: StatusLike, data: Any = None, addr: Address | None = None) -> None:
-        """Send EXPINFO ``[64, status, data]`` and wait for its echo."""
+        """Send EXPINFO ``[64, status, data]`` and wait for its echo.
+
+        Raises and cancellation as :meth:`confirmed_send`.
+        """
         await self.confirmed_send(build_info(status, data), addr)
 
     def _may_receive_token(self, target: Address) -> bool:
@@ -656,6 +671,9 @@ class EchoProtocol(Events):
 
         Raises:
             PeerNotAllowed: a server was asked to send a token to a stranger.
+
+        Cancellation: as :meth:`confirmed_send`; a pending request's wait for the
+        reply is unregistered.
         """
         payload = build_alyx(alyx)
         if alyx is not None and alyx.is_logged_in and alyx.base_url:
@@ -679,7 +697,7 @@ class EchoProtocol(Events):
 
     # ---------------------------------------------------------------- receiving
 
-    async def message_received(self, raw: bytes, addr: Address) -> None:
+    async def _message_received(self, raw: bytes, addr: Address) -> None:
         """Transport callback: route an echo to its waiter, else echo and dispatch."""
         self._stats.received += 1
         if self._filter is not None and not self._filter.allows(addr[0]):
@@ -753,7 +771,7 @@ class EchoProtocol(Events):
             self._stats.echoed += 1
             self._stats.sent += 1
 
-    def allows(self, addr: Address) -> bool:
+    def _allows(self, addr: Address) -> bool:
         """Transport callback: may ``addr`` connect (TCP) or send to this endpoint?"""
         return self._filter is None or self._filter.allows(addr[0])
 
@@ -777,7 +795,7 @@ class EchoProtocol(Events):
                     "[%s] could not report the error to %s: %s", self.name, msg.addr, send_exc
                 )
 
-    def peer_lost(self, addr: Address, reason: str) -> None:
+    def _peer_lost(self, addr: Address, reason: str) -> None:
         """Transport callback: fail every pending send to ``addr`` at once."""
         exc = PeerUnavailable(addr, reason)
         self.logger.info("[%s] %s: %s", self.name, self.uri_of(addr), reason)

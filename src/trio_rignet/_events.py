@@ -219,8 +219,9 @@ class Events:
             max_buffer: messages held while the consumer lags; beyond that new
                 ones are dropped with a warning (the receive loop never blocks).
 
-        The iterator ends when the endpoint closes. Leaving the block
-        unregisters the subscription.
+        The iterator ends when the endpoint closes. Leaving the block (also by
+        cancellation) unregisters the subscription; undelivered messages are
+        discarded.
         """
         async with self._subscribe(event_codes(event), None, max_buffer) as messages:
             yield messages

@@ -178,7 +178,7 @@ class Services(Mapping[str, EchoProtocol]):
                 await rigs.init()
 
         Every endpoint is closed on exit, also when one of them fails to open
-        (that rig's error is raised).
+        (that rig's error is raised) and when the block is cancelled.
 
         Args:
             rigs: rig name -> URI.
@@ -230,6 +230,7 @@ class Services(Mapping[str, EchoProtocol]):
         return f"<Services {list(self._rigs)} timeout={self.timeout}>"
 
     def _immutable(self, *args: object, **kwargs: object) -> NoReturn:
+        """Not supported: Services is immutable (raises TypeError, as in iblutil)."""
         raise TypeError("Services is immutable: build a new Services to change the rigs")
 
     __setitem__ = __delitem__ = pop = popitem = clear = update = setdefault = _immutable
@@ -293,34 +294,54 @@ class Services(Mapping[str, EchoProtocol]):
 
         Raises:
             ServicesError: a rig failed (see :class:`ServicesError`).
+
+        Cancellation (this and every signal method): every rig's work is cancelled
+        at once; nothing stays registered on the endpoints, which stay usable. A
+        rig may already have received the signal; its late echo is ignored and its
+        late completion update is an ordinary message.
         """
         return await self._signal(ExpMessage.EXPINIT, build_init(data), concurrent)
 
     async def start(
         self, exp_ref: str | Mapping[str, Any] | None, data: Any = None, concurrent: bool = True
     ) -> dict[str, Any]:
-        """Signal EXPSTART with ``exp_ref`` to every rig; return completion data."""
+        """Signal EXPSTART with ``exp_ref`` to every rig; return completion data.
+
+        Raises and cancellation as :meth:`init`.
+        """
         return await self._signal(ExpMessage.EXPSTART, build_start(exp_ref, data), concurrent)
 
     async def stop(
         self, data: Any = None, immediately: bool = False, concurrent: bool = True
     ) -> dict[str, Any]:
-        """Signal EXPEND (EXPINTERRUPT if ``immediately``), rigs in reverse order."""
+        """Signal EXPEND (EXPINTERRUPT if ``immediately``), rigs in reverse order.
+
+        Raises and cancellation as :meth:`init`.
+        """
         event = ExpMessage.EXPINTERRUPT if immediately else ExpMessage.EXPEND
         return await self._signal(event, build_stop(data, immediately), concurrent, reverse=True)
 
     async def cleanup(self, data: Any = None, concurrent: bool = True) -> dict[str, Any]:
-        """Signal EXPCLEANUP, rigs in reverse order; return completion data."""
+        """Signal EXPCLEANUP, rigs in reverse order; return completion data.
+
+        Raises and cancellation as :meth:`init`.
+        """
         return await self._signal(ExpMessage.EXPCLEANUP, build_cleanup(data), concurrent, True)
 
     async def status(self, status: StatusLike, concurrent: bool = True) -> dict[str, Any]:
-        """Send EXPSTATUS to every rig; return completion data."""
+        """Send EXPSTATUS to every rig; return completion data.
+
+        Raises and cancellation as :meth:`init`.
+        """
         return await self._signal(ExpMessage.EXPSTATUS, build_status(status), concurrent)
 
     async def info(
         self, status: StatusLike, data: Any = None, concurrent: bool = True
     ) -> dict[str, Any]:
-        """Send EXPINFO to every rig; return completion data."""
+        """Send EXPINFO to every rig; return completion data.
+
+        Raises and cancellation as :meth:`init`.
+        """
         return await self._signal(ExpMessage.EXPINFO, build_info(status, data), concurrent)
 
     async def alyx(self, alyx: AlyxLike) -> None:
@@ -331,6 +352,8 @@ class Services(Mapping[str, EchoProtocol]):
         Raises:
             ValueError: ``alyx`` is not logged in.
             ServicesError: a rig did not confirm.
+
+        Cancellation: every rig's send is cancelled; nothing stays registered.
         """
         if not (alyx.is_logged_in and alyx.base_url):
             raise ValueError("alyx must be a logged-in client with a base_url to send its token")
@@ -358,6 +381,8 @@ class Services(Mapping[str, EchoProtocol]):
 
         Raises:
             ServicesError: some rigs did not send it in time.
+
+        Cancellation: every rig's wait is unregistered.
         """
         value = ExpMessage.validate(event, allow_bitwise=False)
         responses: dict[str, Any] = {}

@@ -46,13 +46,13 @@ _DRAIN = 256  # datagrams handled per wake-up before yielding to other tasks
 class Handler(Protocol):
     """What a transport calls: implemented by the echo layer."""
 
-    async def message_received(self, raw: bytes, addr: Address) -> None:
+    async def _message_received(self, raw: bytes, addr: Address) -> None:
         """One complete message arrived from ``addr``."""
 
-    def peer_lost(self, addr: Address, reason: str) -> None:
+    def _peer_lost(self, addr: Address, reason: str) -> None:
         """``addr`` cannot be reached any more (disconnected or refused)."""
 
-    def allows(self, addr: Address) -> bool:
+    def _allows(self, addr: Address) -> bool:
         """May ``addr`` connect (TCP accept filter)?"""
 
 
@@ -200,12 +200,12 @@ class UDPTransport(Transport):
                 except ConnectionRefusedError:
                     # ICMP port unreachable on a connected socket: the peer has
                     # nothing listening. Keep receiving; fail pending sends now.
-                    handler.peer_lost(self.peer, "nothing is listening there (connection refused)")
+                    handler._peer_lost(self.peer, "nothing is listening there (connection refused)")
                     continue
                 except OSError as exc:  # pragma: no cover - e.g. ENOBUFS
                     log.warning("UDP receive on %s failed: %s", self.local_address, exc)
                     continue
-                await handler.message_received(data, addr[:2])
+                await handler._message_received(data, addr[:2])
 
     async def send(self, data: bytes, addr: Address) -> None:
         sock = self._sock
@@ -417,7 +417,7 @@ class TCPTransport(Transport):
                 await anyio.sleep(0.1)
                 continue
             peer = _ip_addr(sockaddr)
-            if not handler.allows(peer) or len(self._conns) >= self.max_connections:
+            if not handler._allows(peer) or len(self._conns) >= self.max_connections:
                 if self._refused_log.ready(anyio.current_time()):
                     why = "not allowed" if len(self._conns) < self.max_connections else "too many"
                     count = self._refused_log.take()
@@ -449,7 +449,7 @@ class TCPTransport(Transport):
                     conn.decoder.eof()
                     break
                 for raw in feed(chunk):
-                    await handler.message_received(raw, conn.peer)
+                    await handler._message_received(raw, conn.peer)
         except FramingError as exc:
             reason = f"sent a stream that cannot be framed ({exc}); disconnected"
             log.warning("TCP peer %s %s", conn.peer, reason)
@@ -460,7 +460,7 @@ class TCPTransport(Transport):
                 self._client_conn = None
                 self._set_connected(False)
             conn.close()
-        handler.peer_lost(conn.peer, reason)
+        handler._peer_lost(conn.peer, reason)
 
     def _connection(self, addr: Address) -> _Connection:
         conn = self._client_conn if self.role == "client" else self._conns.get(addr)
