@@ -13,6 +13,8 @@ same way on non-blocking stream sockets, framed with
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import functools
 import logging
@@ -20,7 +22,7 @@ import os
 import socket
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Literal, Protocol
 
 import anyio
@@ -133,10 +135,14 @@ def _ip_addr(sockaddr: object) -> Address:
     return (str(sockaddr[0]), int(sockaddr[1]))
 
 
-def _wait_readable_for(sock: socket.socket) -> Callable[[], Awaitable[object]]:
-    """``anyio.wait_readable(sock)`` with the event loop looked up once, not per wake.
+@contextlib.contextmanager
+def _readable(sock: socket.socket) -> Iterator[Callable[[], Awaitable[object]]]:
+    """Yield a function that waits until ``sock`` is readable, for one receive loop.
 
-    On Trio that is trio's own ``wait_readable``; elsewhere AnyIO's.
+    On Trio that is trio's own ``wait_readable``. On asyncio the socket's reader
+    stays registered for the life of the loop (registering and removing it on
+    every wait, as ``anyio.wait_readable`` must, costs two ``epoll_ctl`` calls and
+    a future per message). Elsewhere, AnyIO's ``wait_readable``.
     """
     trio = sys.modules.get("trio")  # not imported: not running under Trio
     if trio is not None:
@@ -145,8 +151,53 @@ def _wait_readable_for(sock: socket.socket) -> Callable[[], Awaitable[object]]:
         except RuntimeError:
             pass
         else:
-            return functools.partial(trio.lowlevel.wait_readable, sock)
-    return functools.partial(anyio.wait_readable, sock)
+            yield functools.partial(trio.lowlevel.wait_readable, sock)
+            return
+    try:
+        loop = asyncio.get_running_loop()
+        waiter = _AsyncioReadable(loop, sock)
+    except (RuntimeError, NotImplementedError):  # not asyncio, or no add_reader
+        yield functools.partial(anyio.wait_readable, sock)
+        return
+    try:
+        yield waiter.wait
+    finally:
+        waiter.close()
+
+
+class _AsyncioReadable:
+    """Readiness of one socket on asyncio, from a reader registered once."""
+
+    __slots__ = ("_fd", "_future", "_loop", "_ready")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        self._loop = loop
+        self._fd = sock.fileno()
+        self._future: asyncio.Future[None] | None = None
+        self._ready = False
+        loop.add_reader(self._fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        self._ready = True
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    async def wait(self) -> None:
+        if self._ready:
+            # Readable already (level-triggered): still yield to other tasks.
+            self._ready = False
+            await anyio.lowlevel.checkpoint()
+            return
+        self._future = future = self._loop.create_future()
+        try:
+            await future
+        finally:
+            self._future = None
+        self._ready = False
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._fd)
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -189,23 +240,24 @@ class UDPTransport(Transport):
         sock = self._sock
         assert sock is not None
         recvfrom = sock.recvfrom
-        wait_readable = _wait_readable_for(sock)
-        while True:
-            await wait_readable()
-            for _ in range(_DRAIN):
-                try:
-                    data, addr = recvfrom(65536)
-                except BlockingIOError:
-                    break
-                except ConnectionRefusedError:
-                    # ICMP port unreachable on a connected socket: the peer has
-                    # nothing listening. Keep receiving; fail pending sends now.
-                    handler._peer_lost(self.peer, "nothing is listening there (connection refused)")
-                    continue
-                except OSError as exc:  # pragma: no cover - e.g. ENOBUFS
-                    log.warning("UDP receive on %s failed: %s", self.local_address, exc)
-                    continue
-                await handler._message_received(data, addr[:2])
+        with _readable(sock) as wait_readable:
+            while True:
+                await wait_readable()
+                for _ in range(_DRAIN):
+                    try:
+                        data, addr = recvfrom(65536)
+                    except BlockingIOError:
+                        break
+                    except ConnectionRefusedError:
+                        # ICMP port unreachable on a connected socket: the peer has
+                        # nothing listening. Keep receiving; fail pending sends now.
+                        refused = "nothing is listening there (connection refused)"
+                        handler._peer_lost(self.peer, refused)
+                        continue
+                    except OSError as exc:  # pragma: no cover - e.g. ENOBUFS
+                        log.warning("UDP receive on %s failed: %s", self.local_address, exc)
+                        continue
+                    await handler._message_received(data, addr[:2])
 
     async def send(self, data: bytes, addr: Address) -> None:
         sock = self._sock
@@ -435,21 +487,21 @@ class TCPTransport(Transport):
         sock = conn.sock
         recv = sock.recv
         feed = conn.decoder.feed
-        wait_readable = _wait_readable_for(sock)
         try:
-            while True:
-                await wait_readable()
-                try:
-                    chunk = recv(65536)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    break  # reset by the peer
-                if not chunk:
-                    conn.decoder.eof()
-                    break
-                for raw in feed(chunk):
-                    await handler._message_received(raw, conn.peer)
+            with _readable(sock) as wait_readable:
+                while True:
+                    await wait_readable()
+                    try:
+                        chunk = recv(65536)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        break  # reset by the peer
+                    if not chunk:
+                        conn.decoder.eof()
+                        break
+                    for raw in feed(chunk):
+                        await handler._message_received(raw, conn.peer)
         except FramingError as exc:
             reason = f"sent a stream that cannot be framed ({exc}); disconnected"
             log.warning("TCP peer %s %s", conn.peer, reason)
