@@ -76,9 +76,6 @@ class Recent:
             self._entries[key] = (uses - 1, expiry)
         return True
 
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._entries
-
     def seen(self, key: Hashable, now: float) -> bool:
         """True if ``key`` is known and not expired (uses are not counted)."""
         entry = self._entries.get(key)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn
 
@@ -358,21 +358,11 @@ class Services(Mapping[str, EchoProtocol]):
         if not (alyx.is_logged_in and alyx.base_url):
             raise ValueError("alyx must be a logged-in client with a base_url to send its token")
         payload = build_alyx(alyx)
-        failures: dict[str, BaseException] = {}
 
-        async def one(name: str, rig: EchoProtocol) -> None:
-            try:
-                await rig.confirmed_send(payload)
-            except (RignetError, OSError) as exc:
-                failures[name] = exc
+        async def send(name: str, rig: EchoProtocol) -> None:
+            await rig.confirmed_send(payload)
 
-        async with anyio.create_task_group() as tg:
-            for name, rig in self._rigs.items():
-                tg.start_soon(one, name, rig)
-        if failures:
-            raise ServicesError(
-                ExpMessage.ALYX, {n: None for n in self if n not in failures}, failures
-            )
+        await self._for_each(ExpMessage.ALYX, send)
 
     async def await_all(self, event: EventLike) -> dict[str, Any]:
         """Wait for every rig to send ``event``; return rig name -> message data.
@@ -385,25 +375,34 @@ class Services(Mapping[str, EchoProtocol]):
         Cancellation: every rig's wait is unregistered.
         """
         value = ExpMessage.validate(event, allow_bitwise=False)
+        codes = event_codes(value)
+
+        async def wait(name: str, rig: EchoProtocol) -> Any:
+            replies = rig._collect(codes)
+            try:
+                return await self._completion(name, value, replies)
+            finally:
+                rig._uncollect(replies, codes)
+
+        return await self._for_each(value, wait)
+
+    async def _for_each(
+        self, event: ExpMessage, work: Callable[[str, EchoProtocol], Awaitable[Any]]
+    ) -> dict[str, Any]:
+        """Run ``work(name, rig)`` for every rig concurrently; collect results and failures."""
         responses: dict[str, Any] = {}
         failures: dict[str, BaseException] = {}
 
-        codes = event_codes(value)
-
         async def one(name: str, rig: EchoProtocol) -> None:
             try:
-                replies = rig._collect(codes)
-                try:
-                    responses[name] = await self._completion(name, value, replies)
-                finally:
-                    rig._uncollect(replies, codes)
+                responses[name] = await work(name, rig)
             except (RignetError, OSError) as exc:
                 failures[name] = exc
 
         async with anyio.create_task_group() as tg:
             for name, rig in self._rigs.items():
                 tg.start_soon(one, name, rig)
-        return self._result(value, responses, failures)
+        return self._result(event, responses, failures)
 
     async def _signal(
         self, event: ExpMessage, payload: bytes, concurrent: bool, reverse: bool = False
