@@ -1,9 +1,11 @@
-"""``EchoProtocol``: an endpoint that sends echo-confirmed signals and echoes what it receives.
+"""``EchoProtocol``: the I/O shell around the echo core.
 
-Structure: each endpoint is an async context manager owning a task group. The
-transport's receive task(s) run in an inner task group that :meth:`aclose`
-cancels; leaving the ``async with`` block closes the endpoint, waits for every
-task and closes every socket.
+An endpoint is an async context manager owning a task group. Inside it, the
+transport (:mod:`._transport`) runs its receive and writer tasks and calls
+:meth:`EchoProtocol._received` for every framed message; the endpoint asks the
+core (:mod:`._core`) what each one is and carries out the answer: wake a
+waiting send, echo, dispatch (:mod:`._events`), or drop with a log line.
+Leaving the ``async with`` block cancels every task and closes every socket.
 """
 
 from __future__ import annotations
@@ -11,23 +13,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, TypedDict
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from ._core import EchoCore, EchoStats, Outcome, Received, Send
 from ._errors import (
+    CompletionTimeout,
     EchoTimeout,
     EndpointClosed,
-    MessageError,
     PeerNotAllowed,
     PeerUnavailable,
+    RemoteError,
 )
-from ._events import Callback, Events
+from ._events import Callback, EventLike, Events, Subscription, event_codes
 from ._framing import DEFAULT_MAX_MESSAGE_SIZE
 from ._groups import collapse_single
 from ._messages import (
@@ -44,62 +46,47 @@ from ._messages import (
     build_status,
     build_stop,
     encode,
-    parse_message,
 )
-from ._reliability import PeerFilter, RateLimit, Recent, nonce
-from ._transport import UDP_MAX_PAYLOAD, Address, Role, Transport, open_transport
-from ._uri import normalize_host, resolve_uri, split_uri
+from ._ratelimit import RateLimit
+from ._transport import UDP_MAX_PAYLOAD, Address, Role, TransportConfig, open_transport
+from ._uri import canonical_address, resolve_uri, split_uri
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["EchoProtocol", "EchoStats", "EndpointOptions"]
+__all__ = ["EchoProtocol", "EchoStats", "EndpointOptions", "StatusLike"]
 
 log = logging.getLogger("trio_rignet.echo")
 
 StatusLike: TypeAlias = "str | int | ExpStatus"
 
-
-class _Waiter:
-    """One confirmed send waiting for its echo.
-
-    An Event plus a result slot rather than a memory channel: a value handed to
-    a channel's waiting receiver is lost if the receiver's deadline fires before
-    it resumes (possible on asyncio), whereas ``done`` stays readable after any
-    cancellation.
-    """
-
-    __slots__ = ("done", "event", "result")
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        self.done = False
-        self.result: BaseException | None = None
-
-
-_LATE_ECHOES = 4096
-"""Payloads remembered per endpoint whose echo may still arrive after giving up."""
-_LATE_TTL = 60.0
-_DEDUP_TTL = 30.0
-_RTO_MIN = 0.01
+TAG_ROOM = 64
+"""Bytes a tag may add to a message (see :mod:`._tag`)."""
 
 
 class EndpointOptions(TypedDict, total=False):
-    """Options of :meth:`EchoProtocol.server` and :meth:`EchoProtocol.client`.
+    """Options of an endpoint, accepted by :meth:`EchoProtocol.server`,
+    :meth:`EchoProtocol.client`, :meth:`Services.open <trio_rignet.Services.open>`
+    and :class:`~trio_rignet.RigService`.
 
     Attributes:
-        echo_timeout: default seconds to wait for an echo (1.0).
+        echo_timeout: default seconds to wait for an echo, the write included (1.0).
         max_message_size: longest TCP message accepted from a peer (1 MiB).
-        reliable: UDP only, both ends trio-rignet: retransmit unechoed messages
-            with exponential backoff within the echo timeout, and re-echo a
-            retransmitted message without dispatching it twice (see the
-            reliability page for what an iblutil peer sees).
-        allow: listening endpoints: accept messages only from these IP
+        reliable: UDP between trio-rignet endpoints: retransmit unechoed
+            messages with exponential backoff until the echo timeout (the
+            receiver echoes repeats without dispatching them again).
+        allow: accept messages (and TCP connections) only from these IP
             addresses or networks (``["10.0.0.2", "10.0.1.0/24"]``); anything
             else is never echoed or dispatched, and logged at a limited rate.
-        reconnect: TCP clients: reconnect in the background after the server
-            closes the connection (sends fail with PeerUnavailable meanwhile).
-        max_connections: TCP servers: connections served at once (256).
+        reconnect: TCP clients: connect in the background if the server is
+            down at open, and reconnect after the connection drops (sends fail
+            with PeerUnavailable meanwhile).
+        max_connections: TCP servers: connections served at once (256); at
+            the cap an idle connection is closed to admit a new one.
+        pace: TCP: seconds between two messages to a peer not known to run
+            trio-rignet, unless it answered the first (0.05). iblutil reads a
+            TCP stream without framing; see the protocol page.
+        read_timeout: TCP: seconds a peer may leave a message half-sent (10).
     """
 
     echo_timeout: float | None
@@ -108,49 +95,11 @@ class EndpointOptions(TypedDict, total=False):
     allow: Iterable[str] | None
     reconnect: bool
     max_connections: int
+    pace: float
+    read_timeout: float
 
 
-@dataclass
-class EchoStats:
-    """Counters of one endpoint (reset never; read any time).
-
-    Attributes:
-        sent: messages sent (confirmed, unconfirmed and error reports).
-        received: messages received, echoes included.
-        echoed: received messages echoed back.
-        confirmed: confirmed sends whose echo arrived.
-        timeouts: confirmed sends that timed out.
-        dropped: received messages dropped as malformed.
-        refused: messages ignored from hosts outside the ``allow`` list.
-        retransmits: reliable mode: messages sent again for want of an echo.
-        duplicates: reliable mode: retransmitted messages re-echoed, not dispatched.
-        rtt_count: echo round trips measured.
-        rtt_total: sum of echo round-trip times, seconds.
-        rtt_min: shortest round trip, seconds (``inf`` before the first).
-        rtt_max: longest round trip, seconds.
-    """
-
-    sent: int = 0
-    received: int = 0
-    echoed: int = 0
-    confirmed: int = 0
-    timeouts: int = 0
-    dropped: int = 0
-    refused: int = 0
-    retransmits: int = 0
-    duplicates: int = 0
-    rtt_count: int = 0
-    rtt_total: float = 0.0
-    rtt_min: float = math.inf
-    rtt_max: float = 0.0
-
-    @property
-    def rtt_mean(self) -> float:
-        """Mean echo round-trip time in seconds (``nan`` before the first)."""
-        return self.rtt_total / self.rtt_count if self.rtt_count else math.nan
-
-
-class EchoProtocol(Events):
+class EchoProtocol:
     """An endpoint of the echo protocol over UDP or TCP.
 
     Do not instantiate directly: use :meth:`server` or :meth:`client`, which
@@ -174,48 +123,48 @@ class EchoProtocol(Events):
         *,
         name: str | None = None,
         logger: logging.Logger | None = None,
-        echo_timeout: float | None = None,
-        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        reliable: bool = False,
-        allow: Iterable[str] | None = None,
-        reconnect: bool = False,
-        max_connections: int = 256,
+        options: EndpointOptions | None = None,
     ) -> None:
-        super().__init__()
         if role not in ("client", "server"):
             raise ValueError(f'role must be "server" or "client", not {role!r}')
+        opts: EndpointOptions = options or {}
+        unknown = set(opts) - set(EndpointOptions.__annotations__)
+        if unknown:
+            raise TypeError(
+                f"unknown endpoint option(s) {sorted(unknown)}; "
+                f"the options are {sorted(EndpointOptions.__annotations__)}"
+            )
         self._server_uri = server_uri
         self._role: Role = role
         self.name: str = name or server_uri
         """An arbitrary label used in logs and errors (defaults to the URI)."""
         self.logger: logging.Logger = logger or log
         """The logger this endpoint writes to (``trio_rignet.echo`` by default)."""
+        echo_timeout = opts.get("echo_timeout")
         if echo_timeout is not None:
             self.default_echo_timeout = _check_timeout(echo_timeout)
         parts = split_uri(server_uri)
         self._parts = parts
-        self._peer: Address = (parts.host, parts.port)
-        self._transport: Transport = open_transport(
-            parts.transport,
-            role,
-            parts.host,
-            parts.port,
-            max_message_size=max_message_size,
-            reconnect=reconnect,
-            max_connections=max_connections,
+        self._peer: Address = canonical_address((parts.host, parts.port))
+        config = TransportConfig(
+            max_message_size=_positive_int(
+                "max_message_size", opts.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE)
+            ),
+            reconnect=bool(opts.get("reconnect", False)),
+            max_connections=_positive_int("max_connections", opts.get("max_connections", 256)),
+            pace=_non_negative("pace", opts.get("pace", 0.05)),
+            read_timeout=_check_timeout(opts.get("read_timeout", 10.0)),
         )
-        self._reliable = reliable and parts.transport == "udp"
-        self._filter = None if allow is None else PeerFilter(allow)
-        self._rng = random.Random()
-        self._pending: dict[tuple[Address, bytes], list[_Waiter]] = {}
-        self._addr_cache: dict[Address, Address] = {}
-        # (peer, bytes) whose echo may still come after the send stopped waiting
-        self._late = Recent(_LATE_ECHOES, _LATE_TTL)
-        # reliable mode: (peer, bytes) recently handled, to recognise retransmissions
-        self._handled = Recent(_LATE_ECHOES * 4, _DEDUP_TTL)
-        self._known_peers: set[Address] = set()
-        self._refused_log = RateLimit()
-        self._stats = EchoStats()
+        stream = parts.transport == "tcp"
+        self._max_size = config.max_message_size if stream else UDP_MAX_PAYLOAD
+        self._transport = open_transport(parts.transport, role, parts.host, parts.port, config)
+        self._core = EchoCore(
+            stream=stream,
+            reliable=bool(opts.get("reliable", False)) and not stream,
+            allow=opts.get("allow"),
+        )
+        self._events = Events(self.name, self.logger, self._report_failure)
+        self._log = RateLimit()
         self._tg: TaskGroup | None = None
         self._closing = False
         self._stopped = anyio.Event()
@@ -240,12 +189,10 @@ class EchoProtocol(Events):
                 ``"ws://127.0.0.1:0"`` (``ws://`` and ``tcp://`` are plain TCP).
             name: a label for logs and errors.
             logger: logger to use instead of ``trio_rignet.echo``.
-            options: see :class:`EndpointOptions` (``echo_timeout``,
-                ``max_message_size``, ``reliable``, ``allow``,
-                ``max_connections``).
+            options: see :class:`EndpointOptions`.
 
         Raises:
-            ValueError, TypeError: invalid URI.
+            ValueError, TypeError: invalid URI or option.
             OSError: the address cannot be bound.
         """
         return cls._open(server_uri, "server", name, logger, options)
@@ -261,13 +208,13 @@ class EchoProtocol(Events):
     ) -> contextlib.AbstractAsyncContextManager[EchoProtocol]:
         """Talk to the one remote host at ``server_uri``.
 
-        Over TCP this connects first; over UDP nothing is sent until you send.
-        Arguments as for :meth:`server` (options: ``echo_timeout``,
-        ``max_message_size``, ``reliable``, ``reconnect``).
+        Over TCP this connects first (with ``reconnect=True`` a server that is
+        down is connected to in the background instead); over UDP nothing is
+        sent until you send. Arguments as for :meth:`server`.
 
         Raises:
-            ValueError, TypeError: invalid URI.
-            PeerUnavailable: a TCP connection was refused.
+            ValueError, TypeError: invalid URI or option.
+            PeerUnavailable: a TCP connection failed (without ``reconnect``).
         """
         return cls._open(server_uri, "client", name, logger, options)
 
@@ -282,7 +229,7 @@ class EchoProtocol(Events):
         options: EndpointOptions,
     ) -> AsyncIterator[EchoProtocol]:
         uri = await resolve_uri(server_uri)
-        self = cls(uri, role, name=name, logger=logger, **options)
+        self = cls(uri, role, name=name, logger=logger, options=options)
         with collapse_single():
             async with anyio.create_task_group() as tg:
                 await tg.start(self._run)
@@ -292,51 +239,47 @@ class EchoProtocol(Events):
                     await self.aclose()
 
     async def _run(self, *, task_status: TaskStatus[None]) -> None:
-        transport = self._transport
         try:
-            await transport.open()
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                transport.start(tg, self)
+                self._events.start(tg.start_soon)
+                await tg.start(self._transport.run, self)
                 if self._role == "server":
                     self.logger.info(
-                        "[%s] listening on %s", self.name, self.uri_of(transport.local_address)
+                        "[%s] listening on %s",
+                        self.name,
+                        self.uri_of(self._transport.local_address),
                     )
                 task_status.started()
                 # Stay open until aclose(), even if a TCP client's connection
                 # drops: sends then fail with PeerUnavailable, not EndpointClosed.
                 await anyio.sleep_forever()
         finally:
-            self._closing = True
-            self._fail_all(EndpointClosed(f"{self.name}: endpoint closed"))
-            with anyio.CancelScope(shield=True):
-                await transport.aclose()
+            self._shut()
             self._stopped.set()
 
-    async def aclose(self) -> None:
-        """Close the endpoint: stop its tasks, close its sockets, fail pending waits.
+    def _shut(self) -> None:
+        self._closing = True
+        for send in self._core.close():
+            _wake(send)
+        self._events.close()
 
-        Idempotent. Pending confirmed sends, :meth:`on_event` calls and
-        subscriptions end with :class:`~trio_rignet.EndpointClosed`. Leaving the
-        ``async with`` block calls this.
+    async def aclose(self) -> None:
+        """Close the endpoint: stop its tasks, close its sockets, end pending waits.
+
+        Idempotent. Pending confirmed sends, calls, :meth:`on_event` calls and
+        subscriptions end with :class:`~trio_rignet.EndpointClosed`. Leaving
+        the ``async with`` block calls this.
 
         Cancellation: the endpoint is closed whatever happens; if the caller is
         cancelled while waiting for the tasks to finish, they still finish
         before the ``async with`` block exits.
         """
         if not self._closing:
-            self._closing = True
-            self._fail_all(EndpointClosed(f"{self.name}: endpoint closed"))
+            self._shut()
             if self._tg is not None:
                 self._tg.cancel_scope.cancel()
         await self._stopped.wait()
-
-    def _fail_all(self, exc: BaseException) -> None:
-        for waiters in self._pending.values():
-            for waiter in waiters:
-                _resolve(waiter, exc)
-        self._pending.clear()
-        self._close_subscriptions()
 
     # --------------------------------------------------------------- properties
 
@@ -371,13 +314,18 @@ class EchoProtocol(Events):
         return self._transport.local_address
 
     @property
+    def max_message_size(self) -> int:
+        """The largest message this endpoint sends (UDP: what fits one datagram)."""
+        return self._max_size - TAG_ROOM
+
+    @property
     def is_connected(self) -> bool:
         """True while open (a TCP client: while its connection is up)."""
         return not self._closing and self._transport.is_connected
 
     async def wait_connected(self) -> None:
         """Wait until :attr:`is_connected`: for a TCP client with ``reconnect``, until it
-        has reconnected. Returns at once for UDP, servers, and connected clients.
+        has (re)connected. Returns at once for UDP, servers, and connected clients.
 
         Raises:
             EndpointClosed: the endpoint closed first.
@@ -390,7 +338,12 @@ class EchoProtocol(Events):
     @property
     def stats(self) -> EchoStats:
         """Message counters and echo round-trip times."""
-        return self._stats
+        return self._core.stats
+
+    def is_trio_peer(self, addr: Address | None = None) -> bool:
+        """True if the peer (``addr``, or a client's peer) has sent a message tagged
+        by trio-rignet, so it runs trio-rignet (see the protocol page)."""
+        return self._core.is_trio_peer(self._target(addr))
 
     def uri_of(self, addr: Address) -> str:
         """Return ``addr`` as a URI with this endpoint's scheme."""
@@ -400,14 +353,20 @@ class EchoProtocol(Events):
     def awaiting_response(self, addr: Address | None = None) -> bool:
         """True if a confirmed send (to ``addr``, or to anyone) awaits its echo."""
         if addr is None:
-            return any(self._pending.values())
-        addr = self._normalize(addr)
-        return any(waiters for (a, _), waiters in self._pending.items() if a == addr)
+            return self._core.pending()
+        return self._core.pending(self._canonical(addr))
 
     def __repr__(self) -> str:
         return f"<EchoProtocol {self._role} {self.name!r} {self._server_uri}>"
 
     # ------------------------------------------------------------------ sending
+
+    def _canonical(self, addr: Any) -> Address:
+        try:
+            host, port = addr
+            return canonical_address((str(host), int(port)))
+        except (TypeError, ValueError):
+            raise TypeError(f"addr must be a (host, port) tuple, got {addr!r}") from None
 
     def _target(self, addr: Address | None) -> Address:
         if self._role == "server":
@@ -415,79 +374,83 @@ class EchoProtocol(Events):
                 raise TypeError(
                     "a server endpoint talks to many peers: pass addr=(host, port) of the peer"
                 )
-            return self._normalize(addr)
+            return self._canonical(addr)
         if addr is None:
             return self._peer
-        norm = self._normalize(addr)
-        if norm != self._peer:
+        target = self._canonical(addr)
+        if target != self._peer:
             raise ValueError(
                 f"Unexpected remote address {addr!r}: this client talks only to {self._peer!r}; "
                 "omit addr"
             )
-        return norm
-
-    def _normalize(self, addr: Address) -> Address:
-        cached = self._addr_cache.get(addr)
-        if cached is not None:
-            return cached
-        try:
-            host, port = addr
-            norm = (normalize_host(host), int(port))
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"addr must be a (host, port) tuple with an IP address, got {addr!r}"
-            ) from None
-        if len(self._addr_cache) < 1024:
-            self._addr_cache[addr] = norm
-        return norm
+        return target
 
     def _check_open(self) -> None:
         if self._closing:
             raise EndpointClosed(f"{self.name}: endpoint is closed")
 
-    def _check_size(self, payload: bytes) -> None:
-        if self._transport.kind == "udp" and len(payload) > UDP_MAX_PAYLOAD:
+    def _payload(self, data: Any) -> bytes:
+        payload = encode(data)
+        if len(payload) > self.max_message_size:
             raise ValueError(
-                f"message of {len(payload)} bytes exceeds the UDP limit of {UDP_MAX_PAYLOAD} "
-                "bytes; use a ws:// (TCP) URI for large messages"
+                f"a message of {len(payload)} bytes exceeds this endpoint's limit of "
+                f"{self.max_message_size} bytes"
+                + ("; use a ws:// (TCP) URI for large messages" if self.protocol == "udp" else "")
             )
+        return payload
 
-    async def send(self, data: Any, addr: Address | None = None) -> None:
+    async def send(
+        self, data: Any, addr: Address | None = None, *, reply_to: Message | None = None
+    ) -> None:
         """Send a message without waiting for its echo.
 
         ``data`` is encoded with :func:`~trio_rignet.encode` (bytes pass
-        through). Cancellation: the message was sent or not, nothing is left
-        registered.
+        through) and must be a JSON array. Its echo, whenever it comes, is
+        recognised and dropped. ``reply_to`` marks it as the answer to a
+        received message (see :meth:`confirmed_send`).
 
         Raises:
             TypeError, ValueError: as :meth:`confirmed_send`.
             PeerUnavailable: the peer cannot be reached.
+
+        Cancellation: the message was sent or not; nothing is left registered.
         """
         self._check_open()
         target = self._target(addr)
-        payload = encode(data)
-        self._check_size(payload)
-        await anyio.lowlevel.checkpoint()
-        # The peer echoes the message back: expect that echo (registered before
-        # sending, so it cannot arrive first) and swallow it, instead of taking
-        # it for a new message and echoing it again (an endless ping-pong).
-        # Error reports are never echoed.
-        key = (target, payload)
-        expect_echo = not payload.startswith(b"[0,")
-        if expect_echo:
-            # Short-lived: if the echo is lost, an identical message the peer sends
-            # later must not be swallowed in its place.
-            self._late.add(key, anyio.current_time(), ttl=2 * self.default_echo_timeout)
-        try:
-            await self._transport.send(payload, target)
-        except BaseException:
-            if expect_echo:
-                self._late.take(key, anyio.current_time())
-            raise
-        self._stats.sent += 1
+        payload = self._payload(data)
+        transport = self._transport
+        if not transport.has_room(target):
+            await transport.wait_room(target)
+        else:
+            await anyio.lowlevel.checkpoint()
+        self._check_open()
+        transport.transmit(self._core.post(target, payload, reply_to=_ref(reply_to)), target)
+
+    def send_nowait(
+        self, data: Any, addr: Address | None = None, *, reply_to: Message | None = None
+    ) -> bool:
+        """Send a message now, without waiting for room or for its echo.
+
+        For code that must not wait (a callback, a busy rig answering with an
+        error report). Returns False if the message was dropped because too
+        much is already waiting to be written to that peer (logged).
+
+        Raises:
+            TypeError, ValueError: as :meth:`confirmed_send`.
+            EndpointClosed: the endpoint is closed.
+        """
+        self._check_open()
+        target = self._target(addr)
+        payload = self._payload(data)
+        return self._transmit(self._core.post(target, payload, reply_to=_ref(reply_to)), target)
 
     async def confirmed_send(
-        self, data: Any, addr: Address | None = None, timeout: float | None = None
+        self,
+        data: Any,
+        addr: Address | None = None,
+        timeout: float | None = None,
+        *,
+        reply_to: Message | None = None,
     ) -> None:
         """Send a message and wait until the peer echoes it back.
 
@@ -495,111 +458,157 @@ class EchoProtocol(Events):
         The signal methods (:meth:`init`, :meth:`start`, ...) call this.
 
         Args:
-            data: the message (encoded with :func:`~trio_rignet.encode`).
+            data: the message, a JSON array (encoded with
+                :func:`~trio_rignet.encode`; bytes pass through).
             addr: the peer ``(host, port)``; required for a server, optional for
                 a client (and then it must be the client's peer).
-            timeout: seconds to wait for the echo (default
+            timeout: seconds for the whole send, writing included (default
                 :attr:`default_echo_timeout`).
+            reply_to: the received message this one answers: a trio-rignet
+                peer then knows which of its calls it completes.
 
         Raises:
-            EchoTimeout: no echo within ``timeout``; the endpoint stays usable.
+            EchoTimeout: no echo within ``timeout`` (or the peer did not read
+                the message in time); the endpoint stays usable.
             PeerUnavailable: the peer disconnected or refuses datagrams.
             EndpointClosed: the endpoint was closed meanwhile.
             TypeError: a server was not given ``addr``.
             ValueError: ``addr`` is not a client's peer, ``timeout`` is not
-                positive, or a UDP message is over 65507 bytes.
+                positive, the message is not a JSON array or is too large.
 
-        Cancellation: the message may or may not have been sent; the wait for
-        its echo is removed, so a late echo is ignored.
+        Cancellation: the message was sent, or not, or (TCP) its connection is
+        closed because it was cancelled part-way through writing; the wait
+        for its echo is removed, and a late echo is recognised and dropped.
         """
         self._check_open()
         target = self._target(addr)
         timeout = self.default_echo_timeout if timeout is None else _check_timeout(timeout)
-        payload = encode(data)
-        self._check_size(payload)
-        await self._confirmed_send(payload, target, timeout)
+        payload = self._payload(data)
+        await self._confirmed(payload, target, timeout, _ref(reply_to))
 
-    async def _confirmed_send(
-        self,
-        payload: bytes,
-        target: Address,
-        timeout: float,
-        on_sent: Callable[[], object] | None = None,
-    ) -> None:
-        """Confirmed send of checked arguments; ``on_sent()`` runs once the bytes are out."""
-        if self._reliable:
-            payload += nonce(self._rng)
-        waiter = _Waiter()
-        key = (target, payload)
-        waiters = self._pending.get(key)
-        if waiters is None:
-            self._pending[key] = [waiter]
-        else:
-            waiters.append(waiter)
-        stats = self._stats
+    async def _confirmed(
+        self, payload: bytes, target: Address, timeout: float, reply_to: int | None = None
+    ) -> Send:
+        """Send ``payload`` to ``target`` and wait for its echo; the ended send."""
+        transport = self._transport
         start = anyio.current_time()
+        deadline = start + timeout
+        if not transport.has_room(target):
+            with anyio.CancelScope(deadline=deadline):
+                await transport.wait_room(target)
+            self._check_open()
+            if not transport.has_room(target):
+                self._core.stats.timeouts += 1
+                raise EchoTimeout(
+                    self.name, target, timeout, "the peer is not reading what is sent to it"
+                )
+        now = anyio.current_time()
+        send = self._core.open_send(target, payload, now, deadline - now, reply_to=reply_to)
+        send.waiter = anyio.Event()
         try:
-            await self._transport.send(payload, target)
-            stats.sent += 1
-            if on_sent is not None:
-                on_sent()
-            # fail_after's semantics with a bare cancel scope: no context-manager
-            # generator on the hot path.
-            with anyio.CancelScope(deadline=start + timeout) as scope:
-                if self._reliable:
-                    await self._retransmit(waiter, payload, target, timeout)
-                else:
-                    await waiter.event.wait()
-            # The echo may have been delivered just as the deadline hit.
-            if scope.cancelled_caught and not waiter.done:
-                stats.timeouts += 1
-                raise EchoTimeout(self.name, target, timeout)
-        finally:
-            if not waiter.done:
-                # No echo came (timeout, cancellation or error): remember the
-                # payload so a late echo is swallowed instead of being taken
-                # for a new message and echoed back (an endless ping-pong with
-                # a peer that is no longer waiting either).
-                waiter.done = True
-                waiters = self._pending.get(key)
-                if waiters is not None and waiter in waiters:
-                    waiters.remove(waiter)
-                    if not waiters:
-                        del self._pending[key]
-                    self._bury(key)
-        if waiter.result is not None:
-            raise waiter.result
-        rtt = anyio.current_time() - start
-        stats.confirmed += 1
-        stats.rtt_count += 1
-        stats.rtt_total += rtt
-        stats.rtt_min = min(stats.rtt_min, rtt)
-        stats.rtt_max = max(stats.rtt_max, rtt)
+            transport.transmit(send.wire, target, send)
+            await self._await_echo(send)
+        except BaseException:
+            if self._core.end(send, Outcome.CANCELLED):
+                transport.abandon(send)
+            raise
+        outcome = send.outcome
+        if outcome is Outcome.CONFIRMED:
+            return send
+        if outcome is Outcome.TIMED_OUT:
+            transport.abandon(send)
+            raise EchoTimeout(self.name, target, timeout)
+        if outcome is Outcome.UNAVAILABLE:
+            raise PeerUnavailable(target, "the peer is unreachable or disconnected")
+        raise EndpointClosed(f"{self.name}: endpoint closed")
 
-    def _bury(self, key: tuple[Address, bytes]) -> None:
-        self._late.add(key, anyio.current_time(), uses=1 << 30 if self._reliable else 1)
-
-    async def _retransmit(
-        self, waiter: _Waiter, payload: bytes, target: Address, timeout: float
-    ) -> None:
-        """Wait for the echo, resending with exponential backoff (reliable mode).
-
-        The first resend comes after 4x the mean round trip (at least 10 ms);
-        the interval doubles up to an eighth of the timeout, so a send keeps
-        being retried until its timeout however slow the first round trips were.
-        """
-        stats = self._stats
-        rto = max(_RTO_MIN, 4 * stats.rtt_mean) if stats.rtt_count else 4 * _RTO_MIN
-        max_rto = max(4 * _RTO_MIN, timeout / 8)
+    async def _await_echo(self, send: Send) -> None:
+        """Wait until ``send`` ends, retransmitting when the core says so."""
+        core = self._core
+        waiter = send.waiter
         while True:
-            with anyio.move_on_after(min(rto, max_rto)):
-                await waiter.event.wait()
-            if waiter.done:
+            # fail_after's semantics with a bare cancel scope: no generator on the hot path
+            with anyio.CancelScope(deadline=send.wake_at):
+                await waiter.wait()
+            if send.outcome is not Outcome.PENDING:
                 return
-            await self._transport.send(payload, target)
-            stats.sent += 1
-            stats.retransmits += 1
-            rto *= 2
+            resend = core.on_timer(send, anyio.current_time())
+            if resend is not None:
+                self._transmit(resend, send.addr)
+
+    def _transmit(self, data: bytes, addr: Address) -> bool:
+        """Write an echo, reply or retransmission; log and drop it if it cannot go."""
+        try:
+            return self._transport.transmit(data, addr)
+        except (PeerUnavailable, ValueError) as exc:
+            if self._log.ready(anyio.current_time()):
+                self.logger.warning(
+                    "[%s] could not send to %s: %s", self.name, self.uri_of(addr), exc
+                )
+            return False
+
+    async def call(
+        self,
+        data: Any,
+        addr: Address | None = None,
+        *,
+        event: EventLike | None = None,
+        echo_timeout: float | None = None,
+        timeout: float | None = 10.0,
+    ) -> Message:
+        """Signal the peer and wait for its completion update: the primitive of
+        :class:`~trio_rignet.Services`.
+
+        Sends ``data`` (a message of event E) as :meth:`confirmed_send` does,
+        then waits for the peer's next message of event E, its completion
+        update, and returns it. The wait is registered before anything is
+        sent, so an instant reply is not missed. If the peer runs trio-rignet
+        its completion names the signal it answers, so a late completion of
+        an earlier, cancelled call is not taken for this call's; from an
+        iblutil peer the next message of event E is the completion.
+
+        Args:
+            data: the signal, e.g. ``build_init(...)`` bytes or ``[1, None]``.
+            addr: as for :meth:`confirmed_send`.
+            event: the signal's event (read from ``data`` if not given).
+            echo_timeout: seconds for the echo (default :attr:`default_echo_timeout`).
+            timeout: seconds for the completion after the echo (None: no limit).
+
+        Raises:
+            EchoTimeout, PeerUnavailable, EndpointClosed, TypeError, ValueError:
+                as :meth:`confirmed_send`.
+            RemoteError: the peer reported that handling the signal failed.
+            CompletionTimeout: no completion update within ``timeout``.
+
+        Cancellation: as :meth:`confirmed_send`; the wait for the completion is
+        removed, and a completion arriving later is an ordinary message.
+        """
+        self._check_open()
+        target = self._target(addr)
+        payload = self._payload(data)
+        code = _event_of(payload) if event is None else int(ExpMessage.validate(event, False))
+        echo = self.default_echo_timeout if echo_timeout is None else _check_timeout(echo_timeout)
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive or None, got {timeout!r}")
+        replies = self._events.subscribe((code, 0), target)
+        try:
+            send = await self._confirmed(payload, target, echo)
+            deadline = math.inf if timeout is None else anyio.current_time() + timeout
+            with anyio.CancelScope(deadline=deadline):
+                while True:
+                    msg = await replies.get()
+                    tag = msg.tag
+                    if tag is not None and tag[2] is not None and tag[2] != send.seq:
+                        continue  # the answer to another call
+                    if msg.event:
+                        return msg
+                    text, failed = msg.data
+                    if failed == code:
+                        raise RemoteError(msg.addr, text, ExpMessage(code))
+            assert timeout is not None
+            raise CompletionTimeout(self.name, ExpMessage(code), timeout)
+        finally:
+            replies.close()
 
     async def init(self, data: Any = None, addr: Address | None = None) -> None:
         """Signal EXPINIT ``[1, data]`` and wait for its echo.
@@ -648,11 +657,6 @@ class EchoProtocol(Events):
         """
         await self.confirmed_send(build_info(status, data), addr)
 
-    def _may_receive_token(self, target: Address) -> bool:
-        if self._filter is not None:
-            return self._filter.allows(target[0])
-        return target in self._known_peers
-
     async def alyx(
         self, alyx: AlyxLike | None = None, addr: Address | None = None
     ) -> tuple[str | None, dict[str, Any]] | None:
@@ -666,8 +670,8 @@ class EchoProtocol(Events):
 
         The token travels in clear text on the iblutil wire format: use it on
         a trusted network only. A server endpoint sends a token only to a peer
-        in its ``allow`` list, or (without one) to a peer it has already
-        received a message from.
+        in its ``allow`` list, or (without one) to a peer that has echoed one
+        of its messages or sent it one lately.
 
         Raises:
             PeerNotAllowed: a server was asked to send a token to a stranger.
@@ -676,132 +680,210 @@ class EchoProtocol(Events):
         reply is unregistered.
         """
         payload = build_alyx(alyx)
+        target = self._target(addr)
         if alyx is not None and alyx.is_logged_in and alyx.base_url:
-            target = self._target(addr)
             if self._role == "server" and not self._may_receive_token(target):
                 raise PeerNotAllowed(
                     target,
                     "an Alyx token is only sent to a peer this endpoint already talks to "
-                    "(one in its allow list, or one it has received a message from)",
+                    "(one in its allow list, or one it has exchanged messages with)",
                 )
             await self.confirmed_send(payload, target)
             return None
-        target = self._target(addr)
-        async with self._subscribe((int(ExpMessage.ALYX),), target) as replies:
+        replies = self._events.subscribe((int(ExpMessage.ALYX),), target)
+        try:
             await self.confirmed_send(payload, target)
-            async for msg in replies:
-                base_url = msg.data[0] if msg.data else None
-                token = msg.data[1] if len(msg.data) > 1 and isinstance(msg.data[1], dict) else {}
-                return base_url, token
-        raise EndpointClosed(f"{self.name}: endpoint closed while awaiting an Alyx token")
+            msg = await replies.get()
+        finally:
+            replies.close()
+        base_url = msg.data[0] if msg.data else None
+        token = msg.data[1] if len(msg.data) > 1 and isinstance(msg.data[1], dict) else {}
+        return base_url, token
 
-    # ---------------------------------------------------------------- receiving
+    def _may_receive_token(self, target: Address) -> bool:
+        core = self._core
+        if core.filter is not None:
+            return core.filter.allows(target[0])
+        return core.knows(target)
 
-    async def _message_received(self, raw: bytes, addr: Address) -> None:
-        """Transport callback: route an echo to its waiter, else echo and dispatch."""
-        self._stats.received += 1
-        if self._filter is not None and not self._filter.allows(addr[0]):
-            self._stats.refused += 1
-            if self._refused_log.ready(anyio.current_time()):
-                self.logger.warning(
-                    "[%s] ignored %d message(s) from %s, which is not in the allow list",
+    # ------------------------------------------------------------------- events
+
+    @asynccontextmanager
+    async def subscribe(
+        self, event: EventLike, *, addr: Address | None = None, max_buffer: int = 1024
+    ) -> AsyncIterator[Subscription]:
+        """Receive every message of ``event`` (or of any of ``a | b``) from now on.
+
+        Registered on entry, so nothing that arrives after entering the block
+        is missed::
+
+            async with rig.subscribe(ExpMessage.EXPSTART | ExpMessage.EXPEND) as messages:
+                async for msg in messages:
+                    ...
+
+        Args:
+            event: an event or a bitwise combination; ``0`` for error reports.
+            addr: only messages from this peer.
+            max_buffer: messages held while the consumer lags; beyond that new
+                ones are dropped with a warning (the receive loop never blocks).
+
+        The iterator ends when the endpoint closes. Leaving the block (also by
+        cancellation) unregisters the subscription; undelivered messages are
+        discarded.
+        """
+        with self.subscription(event, addr=addr, max_buffer=max_buffer) as sub:
+            await anyio.lowlevel.checkpoint()
+            yield sub
+
+    def subscription(
+        self, event: EventLike, *, addr: Address | None = None, max_buffer: int = 1024
+    ) -> Subscription:
+        """Register a subscription now, synchronously; close it when done.
+
+        The same as :meth:`subscribe` for code that must register several
+        waits before its first checkpoint (as :class:`~trio_rignet.Services`
+        does for every rig)::
+
+            with rig.subscription("start") as starts:
+                ...
+                msg = await starts.get()
+
+        Raises:
+            EndpointClosed: the endpoint is closed.
+        """
+        self._check_open()
+        codes = event_codes(event)
+        peer = None if addr is None else self._canonical(addr)
+        return self._events.subscribe(codes, peer, max_buffer)
+
+    async def on_event(self, event: EventLike) -> Message:
+        """Wait for the next message of ``event`` (or of any event in ``a | b``).
+
+        Registered when called; to be sure not to miss a reply to something
+        you send, use :meth:`subscribe` around the send (or :meth:`call`).
+        No timeout: wrap in ``anyio.fail_after``.
+
+        Raises:
+            EndpointClosed: the endpoint closed first.
+
+        Cancellation: the wait is unregistered.
+        """
+        self._check_open()
+        sub = self._events.subscribe(event_codes(event))
+        try:
+            return await sub.get()
+        finally:
+            sub.close()
+
+    def assign_callback(self, event: EventLike, callback: Callback) -> None:
+        """Call ``callback(message)`` for every message of ``event`` (or ``a | b``).
+
+        Plain functions run inline on the receive path (keep them short);
+        async functions run as tasks in the endpoint's task group (at most
+        1,024 at once) and never block receiving. If a callback raises, the
+        error is logged, the sender gets an error report
+        ``[0, "Type: text", event]``, and the other callbacks still run.
+
+        Raises:
+            TypeError: ``callback`` is not callable, or ``event`` is invalid.
+            ValueError: ``event`` is unknown.
+        """
+        self._events.assign(event, callback)
+
+    def clear_callbacks(self, event: EventLike, callback: Callback | None = None) -> int:
+        """Remove ``callback`` (or all callbacks) for ``event``; return how many were removed."""
+        return self._events.clear(event, callback)
+
+    # ---------------------------------------------------- transport callbacks
+
+    def _received(self, raw: bytes, addr: Address) -> None:
+        """A framed message arrived: do what the core decides."""
+        verdict, detail = self._core.receive(addr, raw, anyio.current_time())
+        if verdict is Received.ECHO:
+            _wake(detail)
+            self._transport.release(addr, detail)
+            return
+        if verdict is Received.NEW:
+            msg: Message = detail
+            if msg.event:
+                if self._transmit(raw, addr):
+                    self._core.stats.echoed += 1
+                    self._core.stats.sent += 1
+                if msg.tag is not None:
+                    self._transport.trust(addr)
+            else:
+                self.logger.error(
+                    "[%s] %s reported an error handling %s: %s",
                     self.name,
-                    self._refused_log.take(),
-                    self.uri_of(addr),
+                    self.uri_of(msg.addr or addr),
+                    _event_name(msg.data[1]),
+                    msg.data[0],
                 )
-            return
-        key = (addr, raw)
-        waiters = self._pending.get(key)
-        if waiters:
-            # An echo: wake the oldest sender of these bytes to this peer.
-            while waiters:
-                if _resolve(waiters.pop(0), None):
-                    break
-            if not waiters:
-                del self._pending[key]
-            if self._reliable:
-                # Duplicated or retransmitted echoes may follow: swallow them.
-                # (Here, not in the sender, which runs only later.)
-                self._late.add(key, anyio.current_time(), uses=1 << 30)
-            return
-        if self._late and self._late.take(key, anyio.current_time()):
-            # The echo of a send that already gave up waiting (or, in reliable
-            # mode, a duplicate of an echo that already arrived).
             if self.logger.isEnabledFor(logging.DEBUG):
-                self.logger.debug("[%s] late echo from %s ignored: %r", self.name, addr, raw)
-            return
-        if self._reliable and self._handled.seen(key, anyio.current_time()):
-            # A retransmission of a message already handled: echo it again (the
-            # first echo was lost), do not dispatch it twice.
-            self._stats.duplicates += 1
-            await self._echo(raw, addr)
-            return
-        try:
-            msg = parse_message(raw, addr)
-        except MessageError as exc:
-            self._stats.dropped += 1
-            self.logger.warning(
-                "[%s] dropped a malformed message from %s: %s", self.name, self.uri_of(addr), exc
-            )
-            return
-        if msg.event:
-            if self._reliable:
-                self._handled.add(key, anyio.current_time())
-            await self._echo(raw, addr)
-        else:
-            self.logger.error(
-                "[%s] %s reported an error handling %s: %s",
-                self.name,
-                self.uri_of(addr),
-                _event_name(msg.data[1]),
-                msg.data[0],
-            )
-        if self.logger.isEnabledFor(logging.DEBUG):
-            self.logger.debug("[%s] received %r from %s", self.name, raw, self.uri_of(addr))
-        if len(self._known_peers) < _LATE_ECHOES:
-            self._known_peers.add(addr)
-        await self._dispatch(msg)
-
-    async def _echo(self, raw: bytes, addr: Address) -> None:
-        try:
-            await self._transport.send(raw, addr)
-        except PeerUnavailable as exc:
-            self.logger.warning("[%s] could not echo to %s: %s", self.name, addr, exc)
-        else:
-            self._stats.echoed += 1
-            self._stats.sent += 1
-
-    def _allows(self, addr: Address) -> bool:
-        """Transport callback: may ``addr`` connect (TCP) or send to this endpoint?"""
-        return self._filter is None or self._filter.allows(addr[0])
-
-    async def _report_callback_error(
-        self, callback: Callback, msg: Message, exc: Exception
-    ) -> None:
-        self.logger.error(
-            "[%s] callback %r for %s failed: %s: %s",
-            self.name,
-            callback,
-            msg.event.name,
-            type(exc).__name__,
-            exc,
-        )
-        if msg.event and msg.addr is not None:
-            try:
-                await self._transport.send(build_error(exc, msg.event), msg.addr)
-                self._stats.sent += 1
-            except PeerUnavailable as send_exc:
-                self.logger.warning(
-                    "[%s] could not report the error to %s: %s", self.name, msg.addr, send_exc
+                self.logger.debug("[%s] received %r from %s", self.name, raw, self.uri_of(addr))
+            self._events.dispatch(msg)
+        elif verdict is Received.DUPLICATE:
+            if self._transmit(raw, addr):
+                self._core.stats.echoed += 1
+                self._core.stats.sent += 1
+        elif verdict is Received.MALFORMED or verdict is Received.REFUSED:
+            if self._log.ready(anyio.current_time()):
+                what = (
+                    f"a malformed message ({detail})"
+                    if verdict is Received.MALFORMED
+                    else "a message from a host not in the allow list"
                 )
+                self.logger.warning(
+                    "[%s] dropped %s from %s (%d dropped lately)",
+                    self.name,
+                    what,
+                    self.uri_of(canonical_address(addr)),
+                    self._log.take(),
+                )
+        elif self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug(
+                "[%s] %s from %s dropped: %r", self.name, verdict.name, self.uri_of(addr), raw
+            )
 
     def _peer_lost(self, addr: Address, reason: str) -> None:
         """Transport callback: fail every pending send to ``addr`` at once."""
-        exc = PeerUnavailable(addr, reason)
-        self.logger.info("[%s] %s: %s", self.name, self.uri_of(addr), reason)
-        for key in [k for k in self._pending if k[0] == addr]:
-            for waiter in self._pending.pop(key):
-                _resolve(waiter, exc)
+        self.logger.info("[%s] %s: %s", self.name, self.uri_of(canonical_address(addr)), reason)
+        for send in self._core.peer_lost(addr):
+            _wake(send)
+
+    def _accepts(self, addr: Address) -> bool:
+        """Transport callback: may ``addr`` connect (TCP)?"""
+        return self._core.allows(addr)
+
+    def _report_failure(self, msg: Message, exc: Exception) -> None:
+        """A callback raised: send the peer an error report for its message."""
+        if not msg.event or msg.addr is None or self._closing:
+            return
+        ref = msg.tag[1] if msg.tag is not None else None
+        report = self._core.post(msg.addr, build_error(exc, msg.event), reply_to=ref)
+        self._transmit(report, msg.addr)
+
+
+def _wake(send: Send) -> None:
+    waiter = send.waiter
+    if waiter is not None:
+        waiter.set()
+
+
+def _ref(msg: Message | None) -> int | None:
+    """The seq a reply to ``msg`` names (None if ``msg`` is untagged or None)."""
+    if msg is None or msg.tag is None:
+        return None
+    return msg.tag[1]
+
+
+def _event_of(payload: bytes) -> int:
+    """The event code a message starts with (``[N, ...``)."""
+    head = payload.lstrip(b" \t\r\n[")
+    digits = head[: len(head) - len(head.lstrip(b"0123456789"))]
+    if not digits:
+        raise ValueError(f"cannot read the event code of {payload[:40]!r}; pass event=")
+    return int(ExpMessage.validate(int(digits), allow_bitwise=False))
 
 
 def _event_name(code: int) -> str:
@@ -817,11 +899,13 @@ def _check_timeout(timeout: float) -> float:
     return float(timeout)
 
 
-def _resolve(waiter: _Waiter, value: BaseException | None) -> bool:
-    """Deliver ``value`` (None: echoed) to a confirmed send's waiter; False if it is done."""
-    if waiter.done:
-        return False
-    waiter.done = True
-    waiter.result = value
-    waiter.event.set()
-    return True
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+    return value
+
+
+def _non_negative(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a number of seconds, 0 or more, got {value!r}")
+    return float(value)

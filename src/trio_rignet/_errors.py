@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "CompletionTimeout",
     "EchoTimeout",
     "EndpointClosed",
     "FramingError",
@@ -54,14 +55,35 @@ class EchoTimeout(RignetError, TimeoutError):
         timeout: seconds waited.
     """
 
-    def __init__(self, endpoint: str, peer: tuple[str, int], timeout: float) -> None:
+    def __init__(
+        self, endpoint: str, peer: tuple[str, int], timeout: float, reason: str | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.peer = peer
         self.timeout = timeout
+        why = reason or "the peer may be down or the message lost"
         super().__init__(
-            f"{endpoint}: no echo from {_fmt_addr(peer)} within {timeout:g} s; "
-            "the peer may be down or the message lost (the endpoint is still open; "
-            "retry, or pass a longer timeout)"
+            f"{endpoint}: no echo from {_fmt_addr(peer)} within {timeout:g} s; {why} "
+            "(the endpoint is still open; retry, or pass a longer timeout)"
+        )
+
+
+class CompletionTimeout(RignetError, TimeoutError):
+    """A rig confirmed a signal but sent no completion update in time.
+
+    Attributes:
+        rig: the rig's name.
+        event: the event whose completion was awaited.
+        timeout: seconds waited.
+    """
+
+    def __init__(self, rig: str, event: Any, timeout: float) -> None:
+        self.rig = rig
+        self.event = event
+        self.timeout = timeout
+        super().__init__(
+            f"{rig}: confirmed {_event_name(event)} but sent no completion update within "
+            f"{timeout:g} s (pass a longer Services timeout if the rig needs more time)"
         )
 
 

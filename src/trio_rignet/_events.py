@@ -1,9 +1,9 @@
-"""Events of an endpoint: subscriptions, callbacks and dispatch of received messages.
+"""Delivering received messages: subscriptions and callbacks.
 
-:class:`Events` is the base class of :class:`~trio_rignet.EchoProtocol`; it holds
-the registries and delivers each new message to them. It never blocks the
-receive loop: subscriptions have bounded buffers and async callbacks run as
-tasks (bounded in number) in the endpoint's task group.
+:class:`Events` is owned by an endpoint (composition, not a base class). It
+never blocks the receive path: a :class:`Subscription` buffers a bounded
+number of messages for its consumer, plain callbacks run inline, and async
+callbacks run as tasks in the endpoint's task group, bounded in number.
 """
 
 from __future__ import annotations
@@ -11,274 +11,191 @@ from __future__ import annotations
 import inspect
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeAlias
 
 import anyio
-from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._errors import EndpointClosed
 from ._messages import ExpMessage, Message, event_bits
-from ._transport import Address
+from ._ratelimit import RateLimit
 
-__all__ = ["Callback", "Collector", "EventLike", "Events", "event_codes"]
+__all__ = ["Callback", "EventLike", "Events", "Subscription", "event_codes"]
 
 Callback: TypeAlias = Callable[[Message], "Awaitable[Any] | Any"]
 """A callback: a plain or async function taking the received :class:`Message`."""
 
 EventLike: TypeAlias = "str | int | ExpMessage"
+"""An event as a name (``"start"``), a code (``2``) or an :class:`ExpMessage`."""
 
-_MAX_CALLBACK_TASKS = 1024
-_COLLECTOR_LIMIT = 1024
-
-
-class _Subscription:
-    """A public subscription: a bounded memory stream the subscriber iterates."""
-
-    __slots__ = ("addr", "dropped", "send")
-
-    def __init__(self, send: MemoryObjectSendStream[Message], addr: Address | None) -> None:
-        self.send = send
-        self.addr = addr
-        self.dropped = 0
-
-    def deliver(self, msg: Message, owner: Events) -> None:
-        try:
-            self.send.send_nowait(msg)
-        except anyio.WouldBlock:
-            self.dropped += 1
-            owner.logger.warning(
-                "[%s] subscriber buffer full: dropped %s from %s",
-                owner.name,
-                msg.event.name,
-                msg.addr,
-            )
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass
-
-    def close(self) -> None:
-        self.send.close()
+MAX_CALLBACK_TASKS = 1024
+"""Async callbacks running at once per endpoint; beyond it, calls are dropped with a log line."""
 
 
-class Collector:
-    """An internal wait for messages: a short queue and an Event, registered synchronously.
+def event_codes(event: EventLike) -> tuple[int, ...]:
+    """The single event codes of ``event`` (``(0,)`` for error reports)."""
+    value = ExpMessage.validate(event)
+    if not value:
+        return (0,)
+    return tuple(int(bit) for bit in event_bits(value))
 
-    Lighter than a subscription's memory stream and async context manager, for
-    the per-rig, per-signal waits of :class:`~trio_rignet.Services`.
+
+class Subscription:
+    """Messages of some events, from one peer or any, buffered for one consumer.
+
+    Iterate with ``async for`` (ends when the endpoint closes) or call
+    :meth:`get`; close it (or use it in a ``with`` block) when done. At most
+    ``max_buffer`` messages wait; newer ones are dropped with a warning (the
+    receive loop never waits for a consumer).
     """
 
-    __slots__ = ("addr", "closed", "event", "queue")
+    __slots__ = (
+        "_events",
+        "_queue",
+        "_ready",
+        "addr",
+        "closed",
+        "codes",
+        "dropped",
+        "max_buffer",
+    )
 
-    def __init__(self, addr: Address | None) -> None:
+    def __init__(
+        self, events: Events, codes: tuple[int, ...], addr: tuple[str, int] | None, max_buffer: int
+    ) -> None:
+        self._events = events
+        self.codes = codes
         self.addr = addr
-        self.queue: deque[Message] = deque()
-        self.event = anyio.Event()
+        self.max_buffer = max_buffer
+        self._queue: deque[Message] = deque()
+        self._ready = anyio.Event()
         self.closed = False
+        self.dropped = 0
 
-    def deliver(self, msg: Message, owner: Events) -> None:
-        if len(self.queue) < _COLLECTOR_LIMIT:
-            self.queue.append(msg)
-            self.event.set()
+    def deliver(self, msg: Message) -> None:
+        """Buffer ``msg`` for the consumer (drop it if the buffer is full)."""
+        if len(self._queue) >= self.max_buffer:
+            self.dropped += 1
+            self._events.buffer_full(msg)
+            return
+        self._queue.append(msg)
+        self._ready.set()
 
     def close(self) -> None:
-        self.closed = True
-        self.event.set()
+        """End the subscription: :meth:`get` raises once the buffer is empty."""
+        if not self.closed:
+            self.closed = True
+            self._events.unregister(self)
+            self._ready.set()
 
     async def get(self) -> Message:
         """The next message.
 
         Raises:
-            EndpointClosed: the endpoint closed first.
+            EndpointClosed: the subscription or its endpoint closed first.
+
+        Cancellation: nothing is consumed.
         """
-        while not self.queue:
+        queue = self._queue
+        while not queue:
             if self.closed:
-                raise EndpointClosed("endpoint closed while awaiting a message")
-            if self.event.is_set():
-                self.event = anyio.Event()
-            await self.event.wait()
-        return self.queue.popleft()
+                raise EndpointClosed(
+                    f"{self._events.name}: endpoint closed while awaiting a message"
+                )
+            if self._ready.is_set():
+                self._ready = anyio.Event()
+            await self._ready.wait()
+        return queue.popleft()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.get()
+        except EndpointClosed:
+            raise StopAsyncIteration from None
 
 
 class Events:
-    """Subscriptions and callbacks for received messages (base of EchoProtocol)."""
+    """Subscriptions and callbacks of one endpoint.
 
-    name: str
-    logger: logging.Logger
-    _tg: TaskGroup | None
+    Args:
+        name: the endpoint's name, for log lines.
+        logger: where log lines go.
+        report: called with ``(message, exception)`` when a callback raises
+            (the endpoint sends the peer an error report).
+    """
 
-    def __init__(self) -> None:
-        self._subs: dict[int, list[_Subscription | Collector]] = {}
+    def __init__(
+        self, name: str, logger: logging.Logger, report: Callable[[Message, Exception], None]
+    ) -> None:
+        self.name = name
+        self.logger = logger
+        self._report = report
+        self._subs: dict[int, list[Subscription]] = {}
         self._callbacks: dict[int, list[Callback]] = {}
-        self._callback_tasks = 0
+        self._tasks = 0
+        self._spawn: Callable[..., object] | None = None
+        self._full_log = RateLimit()
 
-    def _check_open(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    def start(self, spawn: Callable[..., object]) -> None:
+        """Async callbacks run with ``spawn(func, *args)`` from now on."""
+        self._spawn = spawn
 
-    async def _report_callback_error(
-        self, callback: Callback, msg: Message, exc: Exception
-    ) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    # ----------------------------------------------------------- subscriptions
 
-    def _close_subscriptions(self) -> None:
-        for subs in self._subs.values():
-            for sub in subs:
-                sub.close()
-        self._subs.clear()
-
-    def _collect(self, codes: tuple[int, ...], addr: Address | None = None) -> Collector:
-        """Register a :class:`Collector` for ``codes``; pair with :meth:`_uncollect`."""
-        self._check_open()
-        collector = Collector(addr)
+    def subscribe(
+        self, codes: tuple[int, ...], addr: tuple[str, int] | None = None, max_buffer: int = 1024
+    ) -> Subscription:
+        """Register a subscription now (pair it with :meth:`Subscription.close`)."""
+        if max_buffer < 1:
+            raise ValueError(f"max_buffer must be at least 1, got {max_buffer}")
+        sub = Subscription(self, codes, addr, max_buffer)
         for code in codes:
-            self._subs.setdefault(code, []).append(collector)
-        return collector
+            self._subs.setdefault(code, []).append(sub)
+        return sub
 
-    def _uncollect(self, collector: Collector, codes: tuple[int, ...]) -> None:
-        self._unregister(collector, codes)
-
-    def _unregister(self, sub: _Subscription | Collector, codes: tuple[int, ...]) -> None:
-        for code in codes:
+    def unregister(self, sub: Subscription) -> None:
+        for code in sub.codes:
             subs = self._subs.get(code)
             if subs is not None and sub in subs:
                 subs.remove(sub)
                 if not subs:
                     del self._subs[code]
 
-    async def _dispatch(self, msg: Message) -> None:
-        code = int(msg.event)
-        subs = self._subs.get(code)
-        if subs:
-            for sub in subs:
-                if sub.addr is None or sub.addr == msg.addr:
-                    sub.deliver(msg, self)
-        callbacks = self._callbacks.get(code)
-        if not callbacks:
-            return
-        for callback in list(callbacks):
-            if inspect.iscoroutinefunction(callback):
-                self._spawn_callback(self._run_async_callback, callback, msg)
-                continue
-            try:
-                result = callback(msg)
-                if inspect.isawaitable(result):
-                    self._spawn_callback(self._await_callback_result, callback, msg, result)
-            except Exception as exc:
-                await self._report_callback_error(callback, msg, exc)
-
-    def _spawn_callback(self, func: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
-        if self._callback_tasks >= _MAX_CALLBACK_TASKS:
-            # A flooding peer must not grow the task count without bound.
+    def buffer_full(self, msg: Message) -> None:
+        if self._full_log.ready(anyio.current_time()):
             self.logger.warning(
-                "[%s] %d async callbacks already running: dropped one for %s",
+                "[%s] a subscriber is not keeping up: dropped %s from %s (%d dropped lately)",
                 self.name,
-                self._callback_tasks,
-                args[1].event.name,
+                msg.event.name,
+                msg.addr,
+                self._full_log.take(),
             )
-            if inspect.iscoroutine(args[-1]):
-                args[-1].close()
-            return
-        assert self._tg is not None
-        self._callback_tasks += 1
-        self._tg.start_soon(func, *args)
 
-    async def _run_async_callback(self, callback: Callback, msg: Message) -> None:
-        try:
-            await callback(msg)
-        except Exception as exc:
-            await self._report_callback_error(callback, msg, exc)
-        finally:
-            self._callback_tasks -= 1
+    def close(self) -> None:
+        """Close every subscription (their consumers see the end)."""
+        subs = {id(s): s for group in self._subs.values() for s in group}
+        for sub in subs.values():
+            sub.close()
+        self._subs.clear()
 
-    async def _await_callback_result(
-        self, callback: Callback, msg: Message, result: Awaitable[Any]
-    ) -> None:
-        try:
-            await result
-        except Exception as exc:
-            await self._report_callback_error(callback, msg, exc)
-        finally:
-            self._callback_tasks -= 1
+    # --------------------------------------------------------------- callbacks
 
-    @asynccontextmanager
-    async def subscribe(
-        self, event: EventLike, *, max_buffer: int = 1024
-    ) -> AsyncIterator[AsyncIterator[Message]]:
-        """Receive every message of ``event`` (or of any of ``a | b``) from now on.
-
-        Registered on entry, so nothing that arrives after entering the block
-        is missed::
-
-            async with rig.subscribe(ExpMessage.EXPSTART | ExpMessage.EXPEND) as messages:
-                async for msg in messages:
-                    ...
-
-        Args:
-            event: an event or a bitwise combination; ``0`` for error reports.
-            max_buffer: messages held while the consumer lags; beyond that new
-                ones are dropped with a warning (the receive loop never blocks).
-
-        The iterator ends when the endpoint closes. Leaving the block (also by
-        cancellation) unregisters the subscription; undelivered messages are
-        discarded.
-        """
-        async with self._subscribe(event_codes(event), None, max_buffer) as messages:
-            yield messages
-
-    @asynccontextmanager
-    async def _subscribe(
-        self, codes: tuple[int, ...], addr: Address | None, max_buffer: int = 1024
-    ) -> AsyncIterator[MemoryObjectReceiveStream[Message]]:
-        self._check_open()
-        send, receive = anyio.create_memory_object_stream[Message](max_buffer)
-        sub = _Subscription(send, addr)
-        for code in codes:
-            self._subs.setdefault(code, []).append(sub)
-        try:
-            with receive:
-                yield receive
-        finally:
-            send.close()
-            self._unregister(sub, codes)
-
-    async def on_event(self, event: EventLike) -> Message:
-        """Wait for the next message of ``event`` (or of any event in ``a | b``).
-
-        Registered when called; to be sure not to miss a reply to something
-        you send, use :meth:`subscribe` around the send instead. No timeout:
-        wrap in ``anyio.fail_after``.
-
-        Raises:
-            EndpointClosed: the endpoint closed first.
-
-        Cancellation: the wait is unregistered.
-        """
-        async with self.subscribe(event) as messages:
-            async for msg in messages:
-                return msg
-        raise EndpointClosed(f"{self.name}: endpoint closed while awaiting {event!r}")
-
-    def assign_callback(self, event: EventLike, callback: Callback) -> None:
-        """Call ``callback(message)`` for every message of ``event`` (or ``a | b``).
-
-        Plain functions run inline in the receive task (keep them short);
-        async functions run as tasks in the endpoint's task group and never
-        block receiving. If a callback raises, the error is logged, the sender
-        gets an error report ``[0, "Type: text", event]``, and the other
-        callbacks still run.
-
-        Raises:
-            TypeError: ``callback`` is not callable, or ``event`` is invalid.
-            ValueError: ``event`` is unknown.
-        """
+    def assign(self, event: EventLike, callback: Callback) -> None:
         if not callable(callback):
             raise TypeError(f"callback must be a function or async function, not {callback!r}")
         for code in event_codes(event):
             self._callbacks.setdefault(code, []).append(callback)
 
-    def clear_callbacks(self, event: EventLike, callback: Callback | None = None) -> int:
-        """Remove ``callback`` (or all callbacks) for ``event``; return how many were removed."""
+    def clear(self, event: EventLike, callback: Callback | None = None) -> int:
         removed = 0
         for code in event_codes(event):
             callbacks = self._callbacks.get(code)
@@ -295,9 +212,70 @@ class Events:
                 del self._callbacks[code]
         return removed
 
+    # ---------------------------------------------------------------- dispatch
 
-def event_codes(event: EventLike) -> tuple[int, ...]:
-    value = ExpMessage.validate(event)
-    if not value:
-        return (0,)
-    return tuple(int(bit) for bit in event_bits(value))
+    def dispatch(self, msg: Message) -> None:
+        """Deliver ``msg`` to its subscriptions and callbacks; never blocks."""
+        code = int(msg.event)
+        subs = self._subs.get(code)
+        if subs:
+            for sub in subs:
+                if sub.addr is None or sub.addr == msg.addr:
+                    sub.deliver(msg)
+        callbacks = self._callbacks.get(code)
+        if not callbacks:
+            return
+        for callback in list(callbacks):
+            if inspect.iscoroutinefunction(callback):
+                self._start(self._run, callback, msg)
+                continue
+            try:
+                result = callback(msg)
+            except Exception as exc:
+                self._failed(callback, msg, exc)
+                continue
+            if inspect.isawaitable(result):
+                self._start(self._await, callback, msg, result)
+
+    def _start(self, func: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        if self._tasks >= MAX_CALLBACK_TASKS or self._spawn is None:
+            # A flooding peer must not grow the task count without bound.
+            if self._full_log.ready(anyio.current_time()):
+                self.logger.warning(
+                    "[%s] %d async callbacks already running: dropped one for %s",
+                    self.name,
+                    self._tasks,
+                    args[1].event.name,
+                )
+            if inspect.iscoroutine(args[-1]):
+                args[-1].close()
+            return
+        self._tasks += 1
+        self._spawn(func, *args)
+
+    async def _run(self, callback: Callback, msg: Message) -> None:
+        try:
+            await callback(msg)
+        except Exception as exc:
+            self._failed(callback, msg, exc)
+        finally:
+            self._tasks -= 1
+
+    async def _await(self, callback: Callback, msg: Message, result: Awaitable[Any]) -> None:
+        try:
+            await result
+        except Exception as exc:
+            self._failed(callback, msg, exc)
+        finally:
+            self._tasks -= 1
+
+    def _failed(self, callback: Callback, msg: Message, exc: Exception) -> None:
+        self.logger.error(
+            "[%s] callback %r for %s failed: %s: %s",
+            self.name,
+            callback,
+            msg.event.name,
+            type(exc).__name__,
+            exc,
+        )
+        self._report(msg, exc)

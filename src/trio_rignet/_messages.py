@@ -311,12 +311,18 @@ class Message:
         data: the elements after the event code, as iblutil passes them to
             callbacks: ``[data]`` for init, ``[exp_ref, data]`` for start,
             ``[status, data]`` for info, ``[text, event]`` for an error report.
-        addr: ``(host, port)`` of the peer that sent it, when known.
+        addr: ``(host, port)`` of the peer that sent it, when known (an IPv4
+            peer of a dual-stack socket is given by its IPv4 address).
+        tag: ``(session, seq, ref)`` if a trio-rignet peer sent it: the
+            sender's session number, the message's sequence number, and the
+            sequence number of the message it answers (or None). None for a
+            message from an iblutil peer. See the protocol page of the docs.
     """
 
     event: ExpMessage
     data: list[Any]
     addr: Address | None = field(default=None, compare=True)
+    tag: tuple[int, int, int | None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_error(self) -> bool:
@@ -324,8 +330,10 @@ class Message:
         return not self.event
 
 
-def parse_message(raw: bytes, addr: Address | None = None) -> Message:
-    """Parse the bytes of one message.
+def parse_message(
+    raw: bytes, addr: Address | None = None, tag: tuple[int, int, int | None] | None = None
+) -> Message:
+    """Parse the bytes of one message (``addr`` and ``tag`` are stored in it).
 
     Raises:
         MessageError: the bytes are not UTF-8 JSON, not a non-empty list, the
@@ -344,16 +352,12 @@ def parse_message(raw: bytes, addr: Address | None = None) -> Message:
     event = _BY_CODE.get(code) if type(code) is int else None
     if event is None:
         if type(code) is int and code == 0:
-            return _parse_error(obj, addr)
+            if len(obj) != 3 or not isinstance(obj[1], str) or type(obj[2]) is not int:
+                raise MessageError(
+                    f"an error report must be [0, 'Type: text', event_code], got {obj!r:.200}"
+                )
+            return Message(_ERROR, obj[1:], addr, tag)
         raise MessageError(
             f"unknown or compound event code {code!r}; expected 0 or one of {tuple(_BY_CODE)}"
         )
-    return Message(event, obj[1:], addr)
-
-
-def _parse_error(obj: list[Any], addr: Address | None) -> Message:
-    if len(obj) != 3 or not isinstance(obj[1], str) or type(obj[2]) is not int:
-        raise MessageError(
-            f"an error report must be [0, 'Type: text', event_code], got {obj!r:.200}"
-        )
-    return Message(_ERROR, obj[1:], addr)
+    return Message(event, obj[1:], addr, tag)

@@ -12,17 +12,21 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from ._echo import EchoProtocol
-from ._errors import EndpointClosed, RignetError
-from ._events import EventLike, event_codes
+from ._echo import EchoProtocol, EndpointOptions
+from ._errors import RignetError
+from ._events import EventLike, Subscription, event_codes
 from ._groups import collapse_single
 from ._messages import LISTEN_PORT, ExpMessage, Message, build_error, encode
+from ._ratelimit import RateLimit
 from ._transport import Address
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["RigHandler", "RigService"]
 
@@ -45,13 +49,19 @@ class RigService:
     handler's return value as data (``[1, result]`` for init,
     ``[2, exp_ref, result]`` for start, ``[32, result]`` for status (the
     received status if the handler returns None), ``[64, status, result]``
-    for info). Signals without a handler are still
-    answered, with null data. A handler that raises makes the rig send the
-    error report ``[0, "Type: text", event]`` instead. An ALYX message is
-    answered only if a handler returns ``(base_url, {user: token})``.
+    for info). Signals without a handler are still answered, with null data.
+    A handler that raises makes the rig send the error report
+    ``[0, "Type: text", event]`` instead. An ALYX message is answered only if
+    a handler returns ``(base_url, {user: token})``. Between trio-rignet
+    endpoints the completion names the signal it answers.
 
     Handlers run concurrently, each in its own task, so a long ``start``
-    handler does not delay a ``stop``.
+    handler does not delay a ``stop``: async handlers on the event loop,
+    plain functions in a worker thread (so a handler that takes seconds,
+    such as starting a camera program, never stalls the rig's echoes). At
+    most ``max_handlers`` run at once; a signal beyond that is echoed and
+    answered at once with an error report (``RuntimeError: ... busy``), with
+    a log line, never dropped silently.
 
     Use it as an async context manager::
 
@@ -65,13 +75,16 @@ class RigService:
             await anyio.sleep_forever()
 
     or start it in a task group: ``address = await tg.start(rig.serve)``.
+    Leaving the block waits for running handlers to be cancelled (async) or
+    to return (plain functions, which cannot be interrupted).
 
     Args:
         uri: local address to listen on (port 0: any free port).
         handlers: event -> handler, as an alternative to :meth:`handle`.
         name: label for logs.
         ack: send completion updates (False: only echo, like a bare endpoint).
-        endpoint_options: passed to :meth:`EchoProtocol.server`.
+        max_handlers: handlers running at once (64).
+        options: endpoint options (see :class:`~trio_rignet.EndpointOptions`).
     """
 
     def __init__(
@@ -81,15 +94,21 @@ class RigService:
         *,
         name: str | None = None,
         ack: bool = True,
-        **endpoint_options: Any,
+        max_handlers: int = 64,
+        **options: Unpack[EndpointOptions],
     ) -> None:
+        if isinstance(max_handlers, bool) or not isinstance(max_handlers, int) or max_handlers < 1:
+            raise ValueError(f"max_handlers must be a positive whole number, got {max_handlers!r}")
         self.uri = uri
         self.name = name or uri
         self.ack = ack
-        self._options = endpoint_options
+        self.max_handlers = max_handlers
+        self._options = options
         self._handlers: dict[int, RigHandler] = {}
         self._endpoint: EchoProtocol | None = None
         self._stack: AsyncExitStack | None = None
+        self._running = 0
+        self._busy_log = RateLimit()
         for event, handler in (handlers or {}).items():
             self.handle(event)(handler)
 
@@ -124,10 +143,16 @@ class RigService:
         """The URI a main PC connects to, e.g. ``udp://127.0.0.1:40123`` (while running)."""
         return self.endpoint.uri_of(self.local_address)
 
+    @property
+    def running_handlers(self) -> int:
+        """Handlers running now."""
+        return self._running
+
     async def serve(self, *, task_status: TaskStatus[Address] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; for ``await tg.start(rig.serve)``, which returns the bound address.
 
-        Cancellation: the endpoint is closed and every handler task cancelled.
+        Cancellation: the endpoint is closed and every handler task cancelled
+        (plain handlers already running in a thread are waited for).
         """
         async with self:
             task_status.started(self.local_address)
@@ -138,7 +163,7 @@ class RigService:
             raise RuntimeError("this RigService is already running")
         stack = AsyncExitStack()
         try:
-            await stack.enter_async_context(self._running())
+            await stack.enter_async_context(self._run())
         except BaseException:
             await stack.aclose()
             raise
@@ -156,49 +181,70 @@ class RigService:
         return await stack.__aexit__(exc_type, exc, tb)
 
     @asynccontextmanager
-    async def _running(self) -> AsyncIterator[None]:
+    async def _run(self) -> AsyncIterator[None]:
         with collapse_single():
             async with (
                 EchoProtocol.server(self.uri, name=self.name, **self._options) as endpoint,
                 anyio.create_task_group() as tg,
             ):
-                await tg.start(self._receive, endpoint, tg)
+                signals = endpoint.subscription(_SIGNALS, max_buffer=4 * self.max_handlers)
+                tg.start_soon(self._receive, endpoint, signals, tg)
                 self._endpoint = endpoint
                 try:
                     yield
                 finally:
                     self._endpoint = None
+                    signals.close()
                     tg.cancel_scope.cancel()
 
-    async def _receive(
-        self, endpoint: EchoProtocol, tg: TaskGroup, *, task_status: TaskStatus[None]
-    ) -> None:
-        codes = event_codes(_SIGNALS)
-        signals = endpoint._collect(codes)
-        try:
-            task_status.started()
-            while True:
-                tg.start_soon(self._handle, endpoint, await signals.get())
-        except EndpointClosed:
-            return  # the endpoint closed under us: nothing more to serve
-        finally:
-            endpoint._uncollect(signals, codes)
+    async def _receive(self, endpoint: EchoProtocol, signals: Subscription, tg: TaskGroup) -> None:
+        async for msg in signals:
+            if self._running >= self.max_handlers:
+                self._busy(endpoint, msg)
+                continue
+            self._running += 1
+            tg.start_soon(self._handle, endpoint, msg)
+
+    def _busy(self, endpoint: EchoProtocol, msg: Message) -> None:
+        if self._busy_log.ready(anyio.current_time()):
+            log.warning(
+                "[%s] %d handlers already running: answered %s from %s with an error "
+                "(%d answered so lately)",
+                self.name,
+                self._running,
+                msg.event.name,
+                msg.addr,
+                self._busy_log.take(),
+            )
+        error = RuntimeError(f"rig {self.name} busy: {self._running} signals being handled")
+        endpoint.send_nowait(build_error(error, msg.event), msg.addr, reply_to=msg)
 
     async def _handle(self, endpoint: EchoProtocol, msg: Message) -> None:
+        try:
+            await self._answer(endpoint, msg)
+        finally:
+            self._running -= 1
+
+    async def _answer(self, endpoint: EchoProtocol, msg: Message) -> None:
         handler = self._handlers.get(int(msg.event))
         assert msg.addr is not None
         try:
             result = None
             if handler is not None:
-                result = handler(msg)
-                if inspect.isawaitable(result):
-                    result = await result
-            # Built here so that a result that cannot be sent (not JSON, over
-            # the UDP size limit, a bad ALYX tuple) is reported like a raising
-            # handler instead of crashing the rig's task group.
+                if inspect.iscoroutinefunction(handler):
+                    result = await handler(msg)
+                else:
+                    result = await anyio.to_thread.run_sync(handler, msg)
+                    if inspect.isawaitable(result):
+                        result = await result
+            # Built here so that a result that cannot be sent (not JSON, too
+            # large, a bad ALYX tuple) is reported like a raising handler
+            # instead of crashing the rig's task group.
             reply = _completion(msg, result) if self.ack else None
-            if reply is not None:
-                endpoint._check_size(reply)
+            if reply is not None and len(reply) > endpoint.max_message_size:
+                raise ValueError(
+                    f"the completion data ({len(reply)} bytes) is too large for this endpoint"
+                )
         except Exception as exc:
             log.error(
                 "[%s] handler for %s failed: %s: %s",
@@ -207,11 +253,13 @@ class RigService:
                 type(exc).__name__,
                 exc,
             )
-            await _quietly(endpoint.send(build_error(exc, msg.event), msg.addr), self.name)
+            await _quietly(
+                endpoint.send(build_error(exc, msg.event), msg.addr, reply_to=msg), self.name
+            )
             return
         if reply is None:
             return
-        await _quietly(endpoint.confirmed_send(reply, msg.addr), self.name)
+        await _quietly(endpoint.confirmed_send(reply, msg.addr, reply_to=msg), self.name)
 
 
 def _completion(msg: Message, result: Any) -> bytes | None:

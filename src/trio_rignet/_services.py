@@ -1,9 +1,10 @@
 """``Services``: send one signal to every rig and collect their completion updates.
 
-Every rig's echo and completion are awaited concurrently in one task group
-(or one after another with ``concurrent=False``). In both modes the wait for a
-rig's completion update is registered before its signal goes out, so a rig
-that answers at once is never missed.
+Every rig is signalled at once and awaited concurrently in one task group
+(or one after another with ``concurrent=False``), through
+:meth:`EchoProtocol.call <trio_rignet.EchoProtocol.call>`, which registers the
+wait for a rig's completion update before its signal goes out. A rig that is
+down fails only its own part of a signal.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, NoReturn
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 from anyio.abc import TaskStatus
 
-from ._echo import EchoProtocol, StatusLike
-from ._errors import RemoteError, RignetError
-from ._events import Callback, Collector, EventLike, event_codes
+from ._echo import EchoProtocol, EndpointOptions, StatusLike
+from ._errors import CompletionTimeout, PeerUnavailable, RignetError
+from ._events import Callback, EventLike
 from ._groups import collapse_single
 from ._messages import (
     AlyxLike,
@@ -33,37 +35,25 @@ from ._messages import (
     build_stop,
 )
 
-__all__ = ["CompletionTimeout", "Services", "ServicesError"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["CompletionTimeout", "RigState", "Services", "ServicesError"]
 
 log = logging.getLogger("trio_rignet.services")
 
 ServiceCallback = Callable[[Any, EchoProtocol], Any]
 
 
-class CompletionTimeout(RignetError, TimeoutError):
-    """A rig confirmed a signal but sent no completion update in time.
-
-    Attributes:
-        rig: the rig's name.
-        event: the event whose completion was awaited.
-        timeout: seconds waited.
-    """
-
-    def __init__(self, rig: str, event: ExpMessage, timeout: float) -> None:
-        self.rig = rig
-        self.event = event
-        self.timeout = timeout
-        super().__init__(
-            f"{rig}: confirmed {event.name} but sent no completion update within {timeout:g} s "
-            "(pass a longer Services timeout if the rig needs more time)"
-        )
-
-
 class ServicesError(RignetError):
-    """One or more rigs failed a signal; the others finished first.
+    """One or more rigs failed; the others finished first.
+
+    Raised by a signal (``event`` is the signal) and by :meth:`Services.open`
+    (``event`` is None: rigs that could not be opened, or were not reachable
+    in time).
 
     Attributes:
-        event: the signal's event.
+        event: the signal's event, or None when opening failed.
         failures: rig name -> the exception of that rig (:class:`EchoTimeout`,
             :class:`CompletionTimeout`, :class:`RemoteError`,
             :class:`PeerUnavailable`, ...).
@@ -80,16 +70,42 @@ class ServicesError(RignetError):
 
     def __init__(
         self,
-        event: ExpMessage,
+        event: ExpMessage | None,
         responses: dict[str, Any],
         failures: dict[str, BaseException],
     ) -> None:
         self.event = event
         self.responses = responses
         self.failures = failures
-        detail = "; ".join(f"{name}: {exc}" for name, exc in failures.items())
+        detail = "; ".join(_named(name, exc) for name, exc in failures.items())
         total = len(responses) + len(failures)
-        super().__init__(f"{event.name} failed on {len(failures)} of {total} rigs: {detail}")
+        what = "opening" if event is None else str(event.name)
+        super().__init__(f"{what} failed on {len(failures)} of {total} rigs: {detail}")
+
+
+def _named(name: str, exc: BaseException) -> str:
+    """``"name: message"``, without repeating a name the message starts with."""
+    text = str(exc) or type(exc).__name__
+    return text if text.startswith(f"{name}: ") else f"{name}: {text}"
+
+
+@dataclass
+class RigState:
+    """What a :class:`Services` knows of one rig (read any time).
+
+    Attributes:
+        connected: the rig's endpoint can send (UDP: always; TCP: its
+            connection is up).
+        last_error: the exception of the rig's last failed signal, or None
+            once a signal succeeds.
+        last_rtt: the echo round trip of its last confirmed signal, seconds.
+        trio: the rig has sent a message tagged by trio-rignet.
+    """
+
+    connected: bool
+    last_error: BaseException | None = None
+    last_rtt: float | None = None
+    trio: bool = False
 
 
 class _WithService:
@@ -126,7 +142,7 @@ class Services(Mapping[str, EchoProtocol]):
             echo (``None`` or 0: wait forever). Echo timeouts are the endpoints'.
 
     Raises:
-        TypeError: a value is not an :class:`EchoProtocol`.
+        TypeError: a value is not a client :class:`EchoProtocol`.
         ValueError: two rigs have the same name.
     """
 
@@ -158,7 +174,7 @@ class Services(Mapping[str, EchoProtocol]):
             data[key] = rig
         self._rigs = data
         self.timeout = timeout
-        self._closed = anyio.Event()
+        self._states = {name: RigState(rig.is_connected) for name, rig in data.items()}
 
     @classmethod
     @asynccontextmanager
@@ -167,8 +183,8 @@ class Services(Mapping[str, EchoProtocol]):
         rigs: Mapping[str, str],
         *,
         timeout: float | None = 10.0,
-        echo_timeout: float | None = None,
-        **endpoint_options: Any,
+        wait: float | None = None,
+        **options: Unpack[EndpointOptions],
     ) -> AsyncIterator[Services]:
         """Open a client endpoint for every rig, concurrently, in one task group.
 
@@ -177,43 +193,68 @@ class Services(Mapping[str, EchoProtocol]):
             async with Services.open({"video": "udp://10.0.0.2", "ephys": "ws://10.0.0.3"}) as rigs:
                 await rigs.init()
 
-        Every endpoint is closed on exit, also when one of them fails to open
-        (that rig's error is raised) and when the block is cancelled.
+        A rig that is down does not stop the others: TCP rigs connect (and
+        reconnect) in the background (``reconnect=True`` unless you pass
+        ``reconnect=False``), and each signal fails only for the rigs that
+        cannot be reached (:class:`~trio_rignet.PeerUnavailable` in
+        :attr:`ServicesError.failures`). :attr:`state` shows each rig's state;
+        :meth:`without` signals the others only.
 
         Args:
             rigs: rig name -> URI.
             timeout: as for :class:`Services`.
-            echo_timeout: each endpoint's default echo timeout.
-            endpoint_options: passed to :meth:`EchoProtocol.client`.
+            wait: if given, wait up to this many seconds for every TCP rig to
+                be connected, and raise :class:`ServicesError` naming those that
+                are not (UDP rigs have no connection to wait for).
+            options: endpoint options for every rig (see
+                :class:`~trio_rignet.EndpointOptions`).
+
+        Raises:
+            ServicesError: rigs could not be opened (an invalid URI, a host
+                name that does not resolve, ...), or were not connected within
+                ``wait``; one error naming each such rig.
+            TypeError: ``rigs`` is not a mapping.
+
+        Every endpoint is closed on exit, also when the block is cancelled.
         """
         if not isinstance(rigs, Mapping):
             raise TypeError(
                 f"Services.open needs a mapping of rig name to URI, got {type(rigs).__name__}"
             )
+        options.setdefault("reconnect", True)
         endpoints: dict[str, EchoProtocol] = {}
+        failures: dict[str, BaseException] = {}
         closed = anyio.Event()
 
-        async def hold(name: str, uri: str, *, task_status: TaskStatus[EchoProtocol]) -> None:
-            async with EchoProtocol.client(
-                uri, name=name, echo_timeout=echo_timeout, **endpoint_options
-            ) as rig:
-                task_status.started(rig)
-                await closed.wait()
-
-        async def open_one(name: str, uri: str) -> None:
-            endpoints[name] = await tg.start(hold, name, uri)
+        async def hold(name: str, uri: str, *, task_status: TaskStatus[None]) -> None:
+            started = False
+            try:
+                async with EchoProtocol.client(uri, name=name, **options) as rig:
+                    endpoints[name] = rig
+                    task_status.started()
+                    started = True
+                    await closed.wait()
+            except (RignetError, OSError, ValueError, TypeError) as exc:
+                if started:
+                    raise
+                failures[name] = exc
+                task_status.started()
 
         with collapse_single():
             async with anyio.create_task_group() as tg:
-                async with anyio.create_task_group() as opener:
-                    for name, uri in rigs.items():
-                        opener.start_soon(open_one, name, uri)
-                services = cls({name: endpoints[name] for name in rigs}, timeout=timeout)
-                services._closed = closed
                 try:
+                    async with anyio.create_task_group() as opener:
+                        for name, uri in rigs.items():
+                            opener.start_soon(tg.start, hold, name, uri)
+                    if not failures and wait is not None:
+                        await _wait_connected(endpoints, wait, failures)
+                    if failures:
+                        opened = {n: None for n in rigs if n in endpoints and n not in failures}
+                        raise ServicesError(None, opened, failures)
+                    services = cls({name: endpoints[name] for name in rigs}, timeout=timeout)
                     yield services
                 finally:
-                    await services.aclose()
+                    closed.set()
 
     # ---------------------------------------------------------------- mapping
 
@@ -231,9 +272,32 @@ class Services(Mapping[str, EchoProtocol]):
 
     def _immutable(self, *args: object, **kwargs: object) -> NoReturn:
         """Not supported: Services is immutable (raises TypeError, as in iblutil)."""
-        raise TypeError("Services is immutable: build a new Services to change the rigs")
+        raise TypeError("Services is immutable: use without() or build a new Services")
 
     __setitem__ = __delitem__ = pop = popitem = clear = update = setdefault = _immutable
+
+    def without(self, *names: str) -> Services:
+        """The same rigs but ``names``, sharing their endpoints (and their state).
+
+        For going on without a rig that is down::
+
+            rigs = services.without("ephys")
+            await rigs.start(exp_ref)
+
+        The endpoints stay owned by this Services (closing one closes both).
+
+        Raises:
+            KeyError: a name is not a rig of this Services.
+        """
+        unknown = [name for name in names if name not in self._rigs]
+        if unknown:
+            raise KeyError(
+                f"no rig named {', '.join(map(repr, unknown))}; rigs: {list(self._rigs)}"
+            )
+        kept = {name: rig for name, rig in self._rigs.items() if name not in names}
+        other = Services(kept, timeout=self.timeout)
+        other._states = {name: self._states[name] for name in kept}
+        return other
 
     # -------------------------------------------------------------- lifecycle
 
@@ -242,12 +306,20 @@ class Services(Mapping[str, EchoProtocol]):
         """True if there is at least one rig and every rig is connected."""
         return bool(self._rigs) and all(rig.is_connected for rig in self._rigs.values())
 
+    @property
+    def state(self) -> Mapping[str, RigState]:
+        """Rig name -> :class:`RigState`, up to date."""
+        for name, rig in self._rigs.items():
+            state = self._states[name]
+            state.connected = rig.is_connected
+            state.trio = rig.is_trio_peer()
+        return dict(self._states)
+
     async def aclose(self) -> None:
         """Close every rig's endpoint. Idempotent.
 
         Cancellation: every endpoint is marked closed before the first wait.
         """
-        self._closed.set()
         # One task per rig: each marks its endpoint closed before its first
         # wait, even when the caller is already cancelled.
         async with anyio.create_task_group() as tg:
@@ -293,12 +365,15 @@ class Services(Mapping[str, EchoProtocol]):
         event code (as iblutil returns them), e.g. ``[data]``.
 
         Raises:
-            ServicesError: a rig failed (see :class:`ServicesError`).
+            ServicesError: a rig failed (see :class:`ServicesError`); a rig
+                that is down fails with :class:`~trio_rignet.PeerUnavailable`.
+            ValueError: the message is too large for a rig's transport
+                (raised before any rig is signalled).
 
         Cancellation (this and every signal method): every rig's work is cancelled
         at once; nothing stays registered on the endpoints, which stay usable. A
-        rig may already have received the signal; its late echo is ignored and its
-        late completion update is an ordinary message.
+        rig may already have received the signal; its late echo is recognised and
+        dropped, and its late completion update is an ordinary message.
         """
         return await self._signal(ExpMessage.EXPINIT, build_init(data), concurrent)
 
@@ -362,12 +437,13 @@ class Services(Mapping[str, EchoProtocol]):
         async def send(name: str, rig: EchoProtocol) -> None:
             await rig.confirmed_send(payload)
 
-        await self._for_each(ExpMessage.ALYX, send)
+        await self._for_each(ExpMessage.ALYX, list(self._rigs.items()), send, True)
 
     async def await_all(self, event: EventLike) -> dict[str, Any]:
         """Wait for every rig to send ``event``; return rig name -> message data.
 
-        Bounded by :attr:`timeout` per rig.
+        Every rig's wait is registered when this is called. Bounded by
+        :attr:`timeout` per rig.
 
         Raises:
             ServicesError: some rigs did not send it in time.
@@ -375,34 +451,20 @@ class Services(Mapping[str, EchoProtocol]):
         Cancellation: every rig's wait is unregistered.
         """
         value = ExpMessage.validate(event, allow_bitwise=False)
-        codes = event_codes(value)
+        subs = {name: rig.subscription(value) for name, rig in self._rigs.items()}
 
         async def wait(name: str, rig: EchoProtocol) -> Any:
-            replies = rig._collect(codes)
-            try:
-                return await self._completion(name, value, replies)
-            finally:
-                rig._uncollect(replies, codes)
+            deadline = math.inf if not self.timeout else anyio.current_time() + self.timeout
+            with anyio.CancelScope(deadline=deadline):
+                return (await subs[name].get()).data
+            assert self.timeout
+            raise CompletionTimeout(name, value, self.timeout)
 
-        return await self._for_each(value, wait)
-
-    async def _for_each(
-        self, event: ExpMessage, work: Callable[[str, EchoProtocol], Awaitable[Any]]
-    ) -> dict[str, Any]:
-        """Run ``work(name, rig)`` for every rig concurrently; collect results and failures."""
-        responses: dict[str, Any] = {}
-        failures: dict[str, BaseException] = {}
-
-        async def one(name: str, rig: EchoProtocol) -> None:
-            try:
-                responses[name] = await work(name, rig)
-            except (RignetError, OSError) as exc:
-                failures[name] = exc
-
-        async with anyio.create_task_group() as tg:
-            for name, rig in self._rigs.items():
-                tg.start_soon(one, name, rig)
-        return self._result(event, responses, failures)
+        try:
+            return await self._for_each(value, list(self._rigs.items()), wait, True)
+        finally:
+            for sub in subs.values():
+                sub.close()
 
     async def _signal(
         self, event: ExpMessage, payload: bytes, concurrent: bool, reverse: bool = False
@@ -410,75 +472,68 @@ class Services(Mapping[str, EchoProtocol]):
         rigs = list(self._rigs.items())
         if reverse:
             rigs.reverse()
-        for _, rig in rigs:
-            # A plain ValueError before anything is sent (in either mode), not
-            # a task group's exception group after some rigs were signalled.
-            rig._check_size(payload)
+        for name, rig in rigs:
+            # A plain ValueError before anything is sent, not a failure of some rigs.
+            if len(payload) > rig.max_message_size:
+                raise ValueError(
+                    f"a {event.name} message of {len(payload)} bytes is too large for rig "
+                    f"{name!r} (at most {rig.max_message_size} bytes)"
+                )
+        timeout = self.timeout or None
+
+        async def one(name: str, rig: EchoProtocol) -> Any:
+            msg = await rig.call(payload, event=event, timeout=timeout)
+            self._states[name].last_rtt = rig.stats.rtt_last
+            return msg.data
+
+        return await self._for_each(event, rigs, one, concurrent)
+
+    async def _for_each(
+        self,
+        event: ExpMessage,
+        rigs: list[tuple[str, EchoProtocol]],
+        work: Callable[[str, EchoProtocol], Awaitable[Any]],
+        concurrent: bool,
+    ) -> dict[str, Any]:
+        """Run ``work(name, rig)`` for every rig; collect results and failures by name."""
         responses: dict[str, Any] = {}
         failures: dict[str, BaseException] = {}
-        codes = (int(event), 0)
 
-        async def one(
-            name: str,
-            rig: EchoProtocol,
-            my_turn: anyio.Event | None = None,
-            next_turn: anyio.Event | None = None,
-        ) -> None:
+        async def one(name: str, rig: EchoProtocol) -> None:
+            state = self._states[name]
             try:
-                # Registered before the signal goes out: an instant reply is not missed.
-                replies = rig._collect(codes)
-                try:
-                    if my_turn is not None:
-                        await my_turn.wait()
-                    await rig._confirmed_send(
-                        payload,
-                        rig._peer,
-                        rig.default_echo_timeout,
-                        None if next_turn is None else next_turn.set,
-                    )
-                    responses[name] = await self._completion(name, event, replies)
-                finally:
-                    rig._uncollect(replies, codes)
+                responses[name] = await work(name, rig)
             except (RignetError, OSError) as exc:
-                failures[name] = exc
-            finally:
-                if next_turn is not None:
-                    next_turn.set()
+                failures[name] = state.last_error = exc
+            else:
+                state.last_error = None
 
         if concurrent:
-            # One task per rig; each sends as soon as the previous rig's signal
-            # is out, so rigs are addressed in order, then all wait together.
             async with anyio.create_task_group() as tg:
-                turn: anyio.Event | None = None
                 for name, rig in rigs:
-                    next_turn = anyio.Event()
-                    tg.start_soon(one, name, rig, turn, next_turn)
-                    turn = next_turn
+                    tg.start_soon(one, name, rig)
         else:
             for name, rig in rigs:
                 await one(name, rig)
-        return self._result(event, responses, failures)
-
-    async def _completion(self, name: str, event: ExpMessage, replies: Collector) -> Any:
-        """The data of the rig's completion update; a bare cancel scope bounds the wait."""
-        timeout = self.timeout or None
-        deadline = math.inf if timeout is None else anyio.current_time() + timeout
-        with anyio.CancelScope(deadline=deadline) as scope:
-            while True:
-                msg = await replies.get()
-                if msg.event:
-                    return msg.data
-                text, code = msg.data
-                if code == event:
-                    raise RemoteError(msg.addr, text, event)
-        assert scope.cancelled_caught
-        assert timeout is not None
-        raise CompletionTimeout(name, event, timeout)
-
-    def _result(
-        self, event: ExpMessage, responses: dict[str, Any], failures: dict[str, BaseException]
-    ) -> dict[str, Any]:
         ordered = {name: responses[name] for name in self._rigs if name in responses}
         if failures:
             raise ServicesError(event, ordered, failures)
         return ordered
+
+
+def _peer(rig: EchoProtocol) -> tuple[str, int]:
+    return (rig.hostname, rig.port)
+
+
+async def _wait_connected(
+    endpoints: Mapping[str, EchoProtocol], wait: float, failures: dict[str, BaseException]
+) -> None:
+    """Wait up to ``wait`` seconds for every endpoint to connect; record those that did not."""
+    with anyio.move_on_after(wait):
+        for rig in endpoints.values():
+            await rig.wait_connected()
+    for name, rig in endpoints.items():
+        if not rig.is_connected:
+            failures[name] = PeerUnavailable(
+                _peer(rig), f"not connected within {wait:g} s (the rig is down or unreachable)"
+            )

@@ -158,9 +158,30 @@ def split_uri(uri: str) -> Endpoint:
     return Endpoint(scheme, host, int(port or 0))
 
 
-def normalize_host(host: str) -> str:
-    """Return the canonical text of an IP address, as sockets report it."""
-    return str(ipaddress.ip_address(host))
+def canonical_host(host: str) -> str:
+    """The one text of an IP address that every table of an endpoint uses.
+
+    IPv4 stays as is; IPv6 is compressed and lower-cased, and an IPv4-mapped
+    IPv6 address (``::ffff:127.0.0.1``, as a dual-stack socket reports an IPv4
+    peer) becomes its IPv4 address. Python 3.10-3.12 print such an address as
+    ``::ffff:7f00:1`` and 3.13 as ``::ffff:127.0.0.1``; neither is used. Text
+    that is not an IP address is returned unchanged.
+    """
+    if ":" not in host:
+        return host
+    address, percent, scope = host.partition("%")
+    try:
+        ip = ipaddress.IPv6Address(address)
+    except ValueError:
+        return host
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return ip.compressed + percent + scope
+
+
+def canonical_address(addr: tuple[Any, ...]) -> tuple[str, int]:
+    """``(canonical_host(host), port)`` of a socket address (IPv6 flow and scope fields dropped)."""
+    return (canonical_host(str(addr[0])), int(addr[1]))
 
 
 async def resolve_uri(uri: str | IPAddress) -> str:

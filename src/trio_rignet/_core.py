@@ -1,0 +1,594 @@
+"""The echo core: every decision about messages, with no sockets and no clock.
+
+In the style of h11 and wsproto, :class:`EchoCore` is fed what happens (this
+endpoint wants to send a payload to a peer; these bytes arrived from that
+peer; this send's timer fired at time ``now``) and answers what to do
+(transmit these bytes; this send is confirmed, or has ended with this
+outcome; echo and dispatch this message; drop that one, for this reason).
+:class:`~trio_rignet.EchoProtocol` is the I/O shell that carries it out; the
+test suite drives several cores over a simulated network.
+
+The rules (the reliability page of the docs states them for users):
+
+1. **Every message an endpoint originates is unique and recognisable.** It
+   carries a tag (:mod:`._tag`): the endpoint's random session number and a
+   per-peer sequence number, in JSON whitespace that every peer echoes byte
+   for byte. Echoes are returned unchanged; error reports are tagged too (they
+   are never echoed), so a rig's report names the signal it answers.
+2. **An endpoint never echoes or dispatches its own message.** An arriving
+   message that matches a send still waiting for its echo confirms it (the
+   oldest such send). Any other arrival bearing this endpoint's session is a
+   late or duplicated echo and is dropped, however late it comes: no record
+   has to outlive a peer's delay, so no message can bounce back and forth.
+3. **A peer's message is echoed every time it arrives, dispatched once.**
+   Messages tagged by a trio-rignet peer are deduplicated per (peer, session)
+   with a sliding window of sequence numbers: a retransmission is echoed again
+   (at most :attr:`Limits.reechoes` times) but not dispatched again; one older
+   than the window is dropped. Messages without a tag (iblutil peers) are
+   each a new message, as in iblutil: an iblutil peer that sends the same
+   bytes twice means it twice.
+4. **Every confirmed send ends exactly once**: confirmed, timed out, peer
+   unavailable, endpoint closed, or cancelled (:class:`Outcome`).
+
+Every table is bounded by a number of entries of bounded size (peer keys,
+integers, digests: never a received payload), so memory stays bounded in
+bytes whatever peers send. Addresses are compared in one canonical form
+(:func:`~trio_rignet._uri.canonical_address`), so an IPv4 peer seen through a
+dual-stack socket is the same peer.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from ._allow import PeerFilter
+from ._errors import MessageError
+from ._messages import parse_message
+from ._tag import Tag, Tagger, read_tag
+from ._uri import canonical_address
+
+__all__ = ["EchoCore", "EchoStats", "Limits", "Outcome", "Received", "Send"]
+
+Address = tuple[str, int]
+_WHITESPACE = b" \t\r\n"
+_MASK32 = 0xFFFFFFFF
+_RTO_MIN = 0.01
+
+
+class Outcome(enum.IntEnum):
+    """How a confirmed send ended (``PENDING`` while it has not)."""
+
+    PENDING = 0
+    CONFIRMED = 1
+    TIMED_OUT = 2
+    UNAVAILABLE = 3
+    CLOSED = 4
+    CANCELLED = 5
+
+
+class Received(enum.IntEnum):
+    """What :meth:`EchoCore.receive` decided about an arriving message."""
+
+    ECHO = 1
+    """The echo of a waiting send, which it confirms."""
+    OWN = 2
+    """One of this endpoint's own messages came back with nothing waiting: drop."""
+    NEW = 3
+    """A new message: echo it (unless it is an error report) and dispatch it."""
+    DUPLICATE = 4
+    """A repeat of a peer's message already dispatched: echo it again, do not dispatch."""
+    STALE = 5
+    """A repeat too old to echo, or echoed too often already: drop."""
+    MALFORMED = 6
+    """Not a valid message: drop (log the reason)."""
+    REFUSED = 7
+    """From a host outside the allow list: drop."""
+
+
+@dataclass
+class EchoStats:
+    """Counters of one endpoint (never reset; read any time).
+
+    Attributes:
+        sent: messages sent (originals, echoes, retransmissions, error reports).
+        received: messages received, echoes included.
+        echoed: received messages echoed back.
+        confirmed: confirmed sends whose echo arrived.
+        timeouts: confirmed sends that timed out.
+        dropped: received messages dropped as malformed.
+        refused: messages ignored from hosts outside the ``allow`` list.
+        retransmits: reliable mode: messages sent again for want of an echo.
+        duplicates: repeats of a peer's message echoed again, not dispatched.
+        late: this endpoint's own messages that came back with nothing waiting
+            (late or duplicated echoes), dropped.
+        stale: repeats of a peer's message too old or too often repeated to echo.
+        rtt_count: echo round trips measured.
+        rtt_total: sum of echo round-trip times, seconds.
+        rtt_min: shortest round trip, seconds (``inf`` before the first).
+        rtt_max: longest round trip, seconds.
+        rtt_last: the latest round trip, seconds (``nan`` before the first).
+    """
+
+    sent: int = 0
+    received: int = 0
+    echoed: int = 0
+    confirmed: int = 0
+    timeouts: int = 0
+    dropped: int = 0
+    refused: int = 0
+    retransmits: int = 0
+    duplicates: int = 0
+    late: int = 0
+    stale: int = 0
+    rtt_count: int = 0
+    rtt_total: float = 0.0
+    rtt_min: float = math.inf
+    rtt_max: float = 0.0
+    rtt_last: float = math.nan
+
+    @property
+    def rtt_mean(self) -> float:
+        """Mean echo round-trip time in seconds (``nan`` before the first)."""
+        return self.rtt_total / self.rtt_count if self.rtt_count else math.nan
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Sizes of the core's tables (entries; each entry is a few hundred bytes at most).
+
+    Attributes:
+        sessions: (peer, session) pairs whose sequence window is kept.
+        recent: recently received messages whose repeats may still be echoed.
+        peers: peers remembered in each per-peer table (sequence counters,
+            peers heard from, peers that echoed us, trio-rignet peers).
+        window: sequence numbers per (peer, session) window; a repeat older
+            than this many messages from that peer is dropped.
+        reechoes: times a repeated message is echoed again before further
+            copies are dropped (a retransmitting sender needs one per loss).
+    """
+
+    sessions: int = 4096
+    recent: int = 16384
+    peers: int = 4096
+    window: int = 1024
+    reechoes: int = 16
+
+
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+
+
+class _Bounded(Generic[_K, _V]):
+    """An insertion- or use-ordered map that drops its oldest entry beyond ``capacity``."""
+
+    __slots__ = ("_data", "capacity", "evicted")
+
+    def __init__(self, capacity: int) -> None:
+        self._data: OrderedDict[_K, _V] = OrderedDict()
+        self.capacity = capacity
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def get(self, key: _K) -> _V | None:
+        return self._data.get(key)
+
+    def put(self, key: _K, value: _V) -> None:
+        """Set ``key`` and make it the most recent."""
+        data = self._data
+        data[key] = value
+        data.move_to_end(key)
+        if len(data) > self.capacity:
+            data.popitem(last=False)
+            self.evicted += 1
+
+    def touch(self, key: _K, value: _V) -> None:
+        """Make ``key`` the most recent, setting it to ``value`` if absent."""
+        data = self._data
+        if key in data:
+            data.move_to_end(key)
+        else:
+            self.put(key, value)
+
+    def pop(self, key: _K) -> _V | None:
+        return self._data.pop(key, None)
+
+
+class Send:
+    """One confirmed send: the bytes on the wire and how it ends.
+
+    The shell attaches a waiter (``waiter``) and a transport handle
+    (``handle``); the core never touches either.
+    """
+
+    __slots__ = (
+        "addr",
+        "deadline",
+        "handle",
+        "outcome",
+        "peer",
+        "retransmits",
+        "retry_at",
+        "rto",
+        "seq",
+        "started",
+        "timeout",
+        "waiter",
+        "wire",
+    )
+
+    def __init__(
+        self, addr: Address, peer: Address, wire: bytes, seq: int, now: float, timeout: float
+    ) -> None:
+        self.addr = addr
+        self.peer = peer
+        self.wire = wire
+        self.seq = seq
+        self.started = now
+        self.timeout = timeout
+        self.deadline = now + timeout
+        self.retry_at = math.inf
+        self.rto = 0.0
+        self.retransmits = 0
+        self.outcome = Outcome.PENDING
+        self.waiter: Any = None
+        self.handle: Any = None
+
+    @property
+    def wake_at(self) -> float:
+        """When the shell must call :meth:`EchoCore.on_timer` if nothing came first."""
+        return min(self.retry_at, self.deadline)
+
+    def __repr__(self) -> str:
+        return f"<Send seq={self.seq} to {self.peer} {self.outcome.name}>"
+
+
+class EchoCore:
+    """The state and rules of one endpoint (see the module docstring).
+
+    Args:
+        stream: TCP (messages arrive framed, outer whitespace already removed)
+            rather than UDP.
+        reliable: retransmit unconfirmed messages with exponential backoff
+            until their deadline.
+        allow: if given, only these hosts and networks are heard.
+        session: this endpoint's session number (random if None).
+        rng: random source for the session and sequence numbers.
+        limits: table sizes.
+    """
+
+    def __init__(
+        self,
+        *,
+        stream: bool,
+        reliable: bool = False,
+        allow: Iterable[str] | None = None,
+        session: int | None = None,
+        rng: random.Random | None = None,
+        limits: Limits = Limits(),
+    ) -> None:
+        self._rng = rng or random.Random()
+        self.stream = stream
+        self.reliable = reliable
+        self.limits = limits
+        self.filter = None if allow is None else PeerFilter(allow)
+        self.session = self._rng.getrandbits(32) if session is None else session & _MASK32
+        self._tagger = Tagger(self.session)
+        self.stats = EchoStats()
+        # peer -> wire bytes -> sends awaiting that echo, oldest first
+        self._pending: dict[Address, dict[bytes, deque[Send]]] = {}
+        self._seq: _Bounded[Address, int] = _Bounded(limits.peers)
+        # (peer, session) -> [highest seq, bitmap of seen seqs below it]
+        self._windows: _Bounded[tuple[Address, int], list[int]] = _Bounded(limits.sessions)
+        # (peer, session, seq) -> echoes left for repeats of that message
+        self._recent: _Bounded[tuple[Address, int, int], int] = _Bounded(limits.recent)
+        self._heard: _Bounded[Address, bool] = _Bounded(limits.peers)
+        self._verified: _Bounded[Address, bool] = _Bounded(limits.peers)
+        self._tagged: _Bounded[Address, int] = _Bounded(limits.peers)
+        self._keys: _Bounded[tuple[Any, ...], Address] = _Bounded(limits.peers)
+        self._srtt = math.nan
+
+    # ------------------------------------------------------------------ peers
+
+    def peer_key(self, addr: tuple[Any, ...]) -> Address:
+        """The canonical form of a socket address (cached)."""
+        key = self._keys.get(addr)
+        if key is None:
+            key = canonical_address(addr)
+            self._keys.put(addr, key)
+        return key
+
+    def allows(self, addr: tuple[Any, ...]) -> bool:
+        """True if ``addr`` passes the allow list (always, without one)."""
+        return self.filter is None or self.filter.allows(self.peer_key(addr)[0])
+
+    def is_trio_peer(self, addr: tuple[Any, ...]) -> bool:
+        """True if ``addr`` has sent a tagged message: it runs trio-rignet."""
+        return self.peer_key(addr) in self._tagged
+
+    def peer_session(self, addr: tuple[Any, ...]) -> int | None:
+        """The session of the last tagged message from ``addr`` (None if none)."""
+        return self._tagged.get(self.peer_key(addr))
+
+    def knows(self, addr: tuple[Any, ...]) -> bool:
+        """True if ``addr`` echoed one of our sends or sent us a message lately.
+
+        Peers that echoed us are remembered apart from peers merely heard
+        from, so a flood of strangers cannot make a real peer forgotten.
+        """
+        peer = self.peer_key(addr)
+        return peer in self._verified or peer in self._heard
+
+    # ---------------------------------------------------------------- sending
+
+    def _next_seq(self, peer: Address) -> int:
+        seq = self._seq.get(peer)
+        if seq is None:
+            # A random start: a counter evicted and begun again does not reuse
+            # the numbers a peer's window has already seen.
+            seq = self._rng.getrandbits(32)
+        seq = (seq + 1) & _MASK32
+        self._seq.put(peer, seq)
+        return seq
+
+    def originate(
+        self, addr: Address, payload: bytes, *, reply_to: int | None = None
+    ) -> tuple[Address, int, bytes]:
+        """Tag ``payload`` for ``addr``: ``(peer key, seq, wire bytes)``.
+
+        ``reply_to`` is the seq of the peer's message this one answers.
+
+        Raises:
+            ValueError: ``payload`` is not a JSON array.
+        """
+        body = payload.strip(_WHITESPACE)
+        if body[:1] != b"[" or body[-1:] != b"]":
+            raise ValueError(
+                "a message is a JSON array whose first element is the event code, "
+                f"e.g. [1, null]; got {payload[:40]!r}"
+            )
+        peer = self.peer_key(addr)
+        seq = self._next_seq(peer)
+        return peer, seq, self._tagger.tag(body, seq, reply_to)
+
+    def post(self, addr: Address, payload: bytes, *, reply_to: int | None = None) -> bytes:
+        """The wire bytes of a message sent without waiting for its echo.
+
+        Its echo, whenever it comes, is recognised as this endpoint's own
+        message and dropped.
+        """
+        self.stats.sent += 1
+        return self.originate(addr, payload, reply_to=reply_to)[2]
+
+    def open_send(
+        self,
+        addr: Address,
+        payload: bytes,
+        now: float,
+        timeout: float,
+        *,
+        reply_to: int | None = None,
+    ) -> Send:
+        """Register a confirmed send of ``payload`` to ``addr``; transmit ``send.wire``.
+
+        The send waits for its echo until ``now + timeout``; in reliable mode
+        :meth:`on_timer` also returns retransmissions. It ends exactly once.
+        """
+        peer, seq, wire = self.originate(addr, payload, reply_to=reply_to)
+        send = Send(addr, peer, wire, seq, now, timeout)
+        if self.reliable:
+            rto = max(_RTO_MIN, 4 * self._srtt) if self._srtt == self._srtt else 4 * _RTO_MIN
+            send.rto = min(rto, self._max_rto(timeout))
+            send.retry_at = now + send.rto
+        waiting = self._pending.get(peer)
+        if waiting is None:
+            waiting = self._pending[peer] = {}
+        sends = waiting.get(wire)
+        if sends is None:
+            waiting[wire] = deque((send,))
+        else:
+            sends.append(send)
+        self.stats.sent += 1
+        return send
+
+    @staticmethod
+    def _max_rto(timeout: float) -> float:
+        # Retries keep coming until the deadline, however slow the first round trips.
+        return max(4 * _RTO_MIN, timeout / 8)
+
+    def on_timer(self, send: Send, now: float) -> bytes | None:
+        """The send's timer fired: the bytes to retransmit, or None.
+
+        At or after the deadline the send ends as ``TIMED_OUT`` (unless it has
+        ended already) and None is returned.
+        """
+        if send.outcome is not Outcome.PENDING:
+            return None
+        if now >= send.deadline:
+            self.end(send, Outcome.TIMED_OUT)
+            return None
+        if now < send.retry_at:
+            return None
+        send.retransmits += 1
+        send.rto = min(send.rto * 2, self._max_rto(send.timeout))
+        send.retry_at = now + send.rto
+        self.stats.retransmits += 1
+        self.stats.sent += 1
+        return send.wire
+
+    def end(self, send: Send, outcome: Outcome) -> bool:
+        """End a pending send with ``outcome``; False if it had ended already."""
+        if send.outcome is not Outcome.PENDING:
+            return False
+        send.outcome = outcome
+        if outcome is Outcome.TIMED_OUT:
+            self.stats.timeouts += 1
+        self._unregister(send)
+        return True
+
+    def _unregister(self, send: Send) -> None:
+        waiting = self._pending.get(send.peer)
+        if waiting is None:
+            return
+        sends = waiting.get(send.wire)
+        if sends is None:
+            return
+        try:
+            sends.remove(send)
+        except ValueError:
+            return
+        if not sends:
+            del waiting[send.wire]
+            if not waiting:
+                del self._pending[send.peer]
+
+    def peer_lost(self, addr: tuple[Any, ...]) -> list[Send]:
+        """End every send to ``addr`` as ``UNAVAILABLE``; return them."""
+        waiting = self._pending.pop(self.peer_key(addr), None)
+        ended: list[Send] = []
+        if waiting:
+            for sends in waiting.values():
+                for send in sends:
+                    send.outcome = Outcome.UNAVAILABLE
+                    ended.append(send)
+        return ended
+
+    def close(self) -> list[Send]:
+        """End every pending send as ``CLOSED``; return them."""
+        ended = [
+            send
+            for waiting in self._pending.values()
+            for sends in waiting.values()
+            for send in sends
+        ]
+        self._pending.clear()
+        for send in ended:
+            send.outcome = Outcome.CLOSED
+        return ended
+
+    def pending(self, addr: tuple[Any, ...] | None = None) -> bool:
+        """True if a send (to ``addr``, or to anyone) awaits its echo."""
+        if addr is None:
+            return bool(self._pending)
+        return self.peer_key(addr) in self._pending
+
+    # -------------------------------------------------------------- receiving
+
+    def receive(self, addr: tuple[Any, ...], raw: bytes, now: float) -> tuple[Received, Any]:
+        """Classify bytes that arrived from ``addr``.
+
+        Returns ``(verdict, detail)``: for ``ECHO`` the confirmed
+        :class:`Send`; for ``NEW`` the parsed :class:`~trio_rignet.Message`;
+        for ``MALFORMED`` the reason; otherwise None. The shell echoes ``raw``
+        for ``NEW`` (unless the message is an error report) and ``DUPLICATE``.
+        """
+        stats = self.stats
+        stats.received += 1
+        peer = self.peer_key(addr)
+        if self.filter is not None and not self.filter.allows(peer[0]):
+            stats.refused += 1
+            return Received.REFUSED, None
+        key = raw if self.stream else raw.strip(_WHITESPACE)
+        waiting = self._pending.get(peer)
+        if waiting is not None:
+            sends = waiting.get(key)
+            if sends is not None:
+                send = sends.popleft()
+                if not sends:
+                    del waiting[key]
+                    if not waiting:
+                        del self._pending[peer]
+                self._confirm(send, now)
+                return Received.ECHO, send
+        tag = read_tag(key)
+        if tag is not None:
+            verdict = self._check_tag(peer, tag)
+            if verdict is not None:
+                return verdict, None
+        try:
+            msg = parse_message(key, peer, tag)
+        except MessageError as exc:
+            stats.dropped += 1
+            return Received.MALFORMED, str(exc)
+        self._heard.touch(peer, True)
+        return Received.NEW, msg
+
+    def _confirm(self, send: Send, now: float) -> None:
+        send.outcome = Outcome.CONFIRMED
+        stats = self.stats
+        rtt = now - send.started
+        stats.confirmed += 1
+        stats.rtt_count += 1
+        stats.rtt_total += rtt
+        stats.rtt_min = min(stats.rtt_min, rtt)
+        stats.rtt_max = max(stats.rtt_max, rtt)
+        stats.rtt_last = rtt
+        if not send.retransmits:  # Karn: a retransmitted send's round trip is ambiguous
+            srtt = self._srtt
+            self._srtt = rtt if srtt != srtt else 0.875 * srtt + 0.125 * rtt
+        self._verified.touch(send.peer, True)
+
+    def _check_tag(self, peer: Address, tag: Tag) -> Received | None:
+        """The verdict on a tagged arrival that is not an awaited echo (None: new)."""
+        session, seq, _ = tag
+        stats = self.stats
+        if session == self.session:
+            stats.late += 1
+            return Received.OWN
+        self._tagged.touch(peer, session)
+        key = (peer, session)
+        window = self._windows.get(key)
+        size = self.limits.window
+        if window is None:
+            self._windows.put(key, [seq, 1])
+        else:
+            high, seen = window
+            ahead = (seq - high) & _MASK32
+            if ahead and ahead < 1 << 31:  # newer than any seen: slide the window
+                window[0] = seq
+                window[1] = ((seen << ahead) | 1) & ((1 << size) - 1)
+            else:
+                behind = (high - seq) & _MASK32
+                if behind >= size:
+                    stats.stale += 1
+                    return Received.STALE
+                if seen >> behind & 1:
+                    return self._repeat((peer, session, seq))
+                window[1] = seen | 1 << behind
+            self._windows.touch(key, window)
+        self._recent.put((peer, session, seq), self.limits.reechoes)
+        return None
+
+    def _repeat(self, key: tuple[Address, int, int]) -> Received:
+        left = self._recent.get(key)
+        if not left:
+            self.stats.stale += 1
+            return Received.STALE
+        self._recent.put(key, left - 1)
+        self.stats.duplicates += 1
+        return Received.DUPLICATE
+
+    # ------------------------------------------------------------------ sizes
+
+    def table_sizes(self) -> dict[str, int]:
+        """Entries in each table (for tests and diagnostics)."""
+        return {
+            "pending": sum(len(s) for w in self._pending.values() for s in w.values()),
+            "seq": len(self._seq),
+            "windows": len(self._windows),
+            "recent": len(self._recent),
+            "heard": len(self._heard),
+            "verified": len(self._verified),
+            "tagged": len(self._tagged),
+            "keys": len(self._keys),
+        }

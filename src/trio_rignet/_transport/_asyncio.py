@@ -1,0 +1,381 @@
+"""The asyncio backend: asyncio's own transports and protocols.
+
+Every asyncio event loop implements these natively, Windows'
+ProactorEventLoop included (which has no ``add_reader``/``add_writer``), so
+no read needs a helper thread. Messages are handled as they arrive, in the
+protocol callbacks, synchronously: there is no receive loop to block or to
+spin. Each TCP connection owns one task (its outbox writer and lifetime);
+writes go through the same :class:`~._outbox.Outbox` rules as on Trio, with
+"writable" meaning that the transport has not asked us to pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from .._errors import FramingError, PeerUnavailable
+from .._framing import StreamDecoder
+from .._ratelimit import RateLimit
+from . import Address, Handler, Transport
+from ._outbox import Outbox
+from ._sockets import (
+    UNREACHABLE,
+    bind_tcp_listener,
+    bind_udp,
+    ip_addr,
+    is_unreachable,
+    udp_error,
+    wire_address,
+)
+from ._tcp import CONNECT_TIMEOUT, Connection, TCPBase
+
+__all__ = ["TCPTransport", "UDPTransport"]
+
+log = logging.getLogger("trio_rignet.transport")
+
+
+class _Flow:
+    """Write flow control of one asyncio transport: paused, and a wait for resumption."""
+
+    __slots__ = ("paused", "resumed")
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.resumed = anyio.Event()
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self.resumed.set()
+
+    async def wait(self) -> None:
+        while self.paused:
+            if self.resumed.is_set():
+                self.resumed = anyio.Event()
+            await self.resumed.wait()
+
+
+# ---------------------------------------------------------------------- UDP
+
+
+class _DatagramProtocol(asyncio.DatagramProtocol):
+    def __init__(self, owner: UDPTransport, handler: Handler) -> None:
+        self.owner = owner
+        self.received = handler._received
+        self.flow = _Flow()
+        self.lost = anyio.Event()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.owner._error(exc)
+
+    def pause_writing(self) -> None:
+        self.flow.pause()
+
+    def resume_writing(self) -> None:
+        self.flow.resume()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+
+
+class UDPTransport(Transport):
+    """One UDP datagram endpoint: bound for a server, connected to the peer for a client."""
+
+    kind = "udp"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._transport: asyncio.DatagramTransport | None = None
+        self._outbox: Outbox | None = None
+        self._handler: Handler | None = None
+        self._log = RateLimit()
+
+    @property
+    def is_connected(self) -> bool:
+        return self._transport is not None and not self._closed
+
+    async def run(self, handler: Handler, *, task_status: TaskStatus[None]) -> None:
+        loop = asyncio.get_running_loop()
+        self._handler = handler
+        protocol = _DatagramProtocol(self, handler)
+        if self.role == "server":
+            sock = bind_udp(self.host, self.port)
+            try:
+                transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            # remote_addr, not a connected sock=: ProactorEventLoop's datagram
+            # transport only sends without an address when it knows its peer.
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: protocol,
+                remote_addr=(self.host, self.port),
+                family=socket.AF_INET6 if ":" in self.host else socket.AF_INET,
+            )
+        self._transport = transport
+        self.local_address = ip_addr(transport.get_extra_info("sockname"))
+        family = transport.get_extra_info("socket").family
+        flow = protocol.flow
+        client = self.role == "client"
+
+        def write(data: Any, addr: Address | None) -> int:
+            if flow.paused:
+                return 0
+            if client:
+                transport.sendto(data)
+            else:
+                assert addr is not None
+                transport.sendto(data, wire_address(family, addr))
+            return len(data)
+
+        outbox = Outbox(write, flow.wait, limit=self.config.out_limit, datagrams=True)
+        self._outbox = outbox
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(outbox.run)
+                self._set_connected(True)
+                task_status.started()
+                await protocol.lost.wait()
+        finally:
+            self._closed = True
+            self._connected.set()
+            transport.abort()
+
+    def _error(self, exc: Exception) -> None:
+        if is_unreachable(exc):
+            # A client is connected, so the error is about its one peer; a
+            # server cannot tell which peer it was about: its sends time out.
+            if self.role == "client" and self._handler is not None:
+                self._handler._peer_lost(self.peer, UNREACHABLE)
+        elif self._log.ready(anyio.current_time()):
+            log.warning("UDP error on %s: %s", self.local_address, exc)
+
+    def transmit(self, data: bytes, addr: Address, owner: Any = None) -> bool:
+        outbox = self._outbox
+        transport = self._transport
+        if outbox is None or transport is None or self._closed or transport.is_closing():
+            raise PeerUnavailable(addr, "the endpoint is closed")
+        if owner is None and outbox.full:
+            if self._log.ready(anyio.current_time()):
+                log.warning(
+                    "UDP send buffer of %s full: dropped a reply to %s (%d dropped lately)",
+                    self.local_address,
+                    addr,
+                    self._log.take(),
+                )
+            return False
+        try:
+            outbox.put(data, addr, owner)
+        except OSError as exc:  # pragma: no cover - asyncio reports send errors to error_received
+            raise udp_error(addr, exc, len(data)) from None
+        return True
+
+    def has_room(self, addr: Address) -> bool:
+        return self._outbox is None or not self._outbox.full
+
+    async def wait_room(self, addr: Address) -> None:
+        if self._outbox is not None:
+            await self._outbox.wait_room()
+
+    def abandon(self, owner: Any) -> None:
+        outbox = Outbox.of(owner)
+        if outbox is not None:
+            outbox.abandon(owner)  # a datagram is never written part-way
+
+
+# ---------------------------------------------------------------------- TCP
+
+
+class _StreamProtocol(asyncio.Protocol):
+    """The callbacks of one TCP connection, feeding its :class:`Connection`."""
+
+    def __init__(self, owner: TCPTransport, handler: Handler) -> None:
+        self.owner = owner
+        self.handler = handler
+        self.flow = _Flow()
+        self.lost = anyio.Event()
+        self.conn: Connection | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.conn = self.owner._connection_made(transport, self)
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is None or conn.closed:
+            return
+        try:
+            conn.feed(data, self.handler)
+        except FramingError as exc:
+            self.owner._unframeable(conn, exc)
+            return
+        if conn.decoder.buffered and self.timer is None:
+            self._arm()
+
+    def _arm(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_at(self.owner._read_deadline(conn), self._check_stalled)
+
+    def _check_stalled(self) -> None:
+        self.timer = None
+        conn = self.conn
+        if conn is None or conn.closed or not conn.decoder.buffered:
+            return
+        if anyio.current_time() >= self.owner._read_deadline(conn):
+            self.owner._stalled(conn)
+        else:
+            self._arm()
+
+    def eof_received(self) -> bool:
+        conn = self.conn
+        if conn is not None:
+            try:
+                conn.decoder.eof()
+            except FramingError as exc:
+                self.owner._unframeable(conn, exc)
+        return False  # close the transport
+
+    def pause_writing(self) -> None:
+        self.flow.pause()
+
+    def resume_writing(self) -> None:
+        self.flow.resume()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        conn = self.conn
+        if conn is not None and exc is not None and not conn.closed:
+            conn.reason = f"connection lost ({exc})"
+        self.lost.set()
+
+
+class TCPTransport(TCPBase):
+    """A server and its connections, or one client connection, on asyncio transports."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._tg: TaskGroup | None = None
+        self._handler: Handler | None = None
+
+    def _connection_made(
+        self, transport: asyncio.Transport, protocol: _StreamProtocol
+    ) -> Connection:
+        flow = protocol.flow
+
+        def write(data: Any, addr: Address | None) -> int:
+            if flow.paused:
+                return 0
+            transport.write(data)
+            return len(data)
+
+        outbox = Outbox(write, flow.wait, limit=self.config.out_limit, pace=self.config.pace)
+        conn = Connection(
+            ip_addr(transport.get_extra_info("peername")),
+            StreamDecoder(self.config.max_message_size),
+            outbox,
+        )
+        conn.io = protocol
+        conn.abort = transport.abort
+        if self.role == "server":
+            assert self._tg is not None
+            assert self._handler is not None
+            if not self._admit(conn, self._handler):
+                conn.closed = True
+                transport.abort()
+                return conn
+            self._tg.start_soon(
+                self._serve, conn, self._handler, name=f"tcp connection {conn.peer}"
+            )
+        return conn
+
+    async def run(self, handler: Handler, *, task_status: TaskStatus[None]) -> None:
+        self._handler = handler
+        try:
+            if self.role == "client":
+                await self._run_client(handler, task_status)
+                await anyio.sleep_forever()  # stay open after a lost connection
+            else:
+                await self._run_server(handler, task_status)
+        finally:
+            self._closed = True
+            self._connected.set()
+            for conn in [*self._conns.values(), self._client]:
+                if conn is not None:
+                    conn.close()
+
+    async def _run_server(self, handler: Handler, task_status: TaskStatus[None]) -> None:
+        loop = asyncio.get_running_loop()
+        sock = bind_tcp_listener(self.host, self.port)
+        try:
+            server = await loop.create_server(lambda: _StreamProtocol(self, handler), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            self.local_address = ip_addr(sock.getsockname())
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                self._set_connected(True)
+                task_status.started()
+                await anyio.sleep_forever()
+        finally:
+            server.close()
+            for conn in list(self._conns.values()):
+                conn.close()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                await server.wait_closed()
+
+    async def _connect(self) -> Connection:
+        loop = asyncio.get_running_loop()
+        handler = self._handler
+        assert handler is not None
+        with anyio.fail_after(CONNECT_TIMEOUT):
+            transport, protocol = await loop.create_connection(
+                lambda: _StreamProtocol(self, handler), self.host, self.port
+            )
+        conn = protocol.conn
+        assert conn is not None
+        self.local_address = ip_addr(transport.get_extra_info("sockname"))
+        return conn
+
+    async def _serve(self, conn: Connection, handler: Handler) -> None:
+        protocol: _StreamProtocol = conn.io
+        try:
+            with anyio.CancelScope() as scope:
+                conn.scope = scope
+                if conn.closed:
+                    return
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._write, conn)
+                    await protocol.lost.wait()
+                    tg.cancel_scope.cancel()
+        finally:
+            conn.closed = True
+            if conn.abort is not None:
+                conn.abort()
+            self._ended(conn, handler)
+
+    async def _write(self, conn: Connection) -> None:
+        try:
+            await conn.outbox.run()
+        except (
+            OSError
+        ) as exc:  # pragma: no cover - asyncio transports report errors via connection_lost
+            conn.close(f"connection lost ({exc})")

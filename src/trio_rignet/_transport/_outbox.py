@@ -1,0 +1,245 @@
+"""The ordered, bounded write path of one TCP connection or one UDP socket.
+
+Rules (trio-websocket's, adapted to a protocol whose receive loop must never
+wait on a write):
+
+- A message is written at once by its sender's own call when nothing is
+  queued or held: one system call, no task switch. Otherwise it is queued and
+  the outbox's writer task writes it, in order, when the socket accepts it.
+  Nobody but the writer task waits on the socket, so two senders never
+  contend for it.
+- Putting never blocks, so the receive loop can echo without waiting.
+  Confirmed senders first wait for room (:meth:`Outbox.wait_room`), so the
+  queue is bounded; echoes beyond the bound are the caller's to drop.
+- A queued message whose sender gives up is withdrawn. A message the sender
+  gave up on after part of it reached the socket cannot be withdrawn without
+  corrupting the stream: :meth:`Outbox.abandon` says so, and the transport
+  closes that connection.
+- Pacing (toward TCP peers that cannot frame messages, such as iblutil): after
+  each write the next waits until the peer has had time to read
+  (``pace`` seconds), or until :meth:`Outbox.release` reports that the peer
+  answered the message just written (its echo arrived), whichever is first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+__all__ = ["Outbox"]
+
+Address = tuple[str, int]
+Write = Callable[[Any, "Address | None"], int]
+"""``write(data, addr)``: bytes the socket accepted now (0: it would block); raises OSError."""
+
+
+class _Entry:
+    __slots__ = ("addr", "box", "data", "dead", "owner", "started")
+
+    def __init__(
+        self, box: Outbox, data: Any, addr: Address | None, owner: Any, started: bool
+    ) -> None:
+        self.box = box
+        self.data = data
+        self.addr = addr
+        self.owner = owner
+        self.started = started
+        self.dead = False
+
+
+class Outbox:
+    """Queued messages of one connection (TCP) or one socket (UDP).
+
+    Args:
+        write: writes what the socket accepts now (see :data:`Write`).
+        wait_writable: waits until the socket may accept more.
+        limit: queued bytes beyond which :meth:`wait_room` waits and
+            :attr:`full` is true.
+        pace: seconds to hold the next message after each write (0: none).
+        datagrams: UDP: a failed write drops that datagram (reported to
+            ``on_error``) instead of failing the outbox.
+        on_error: called with ``(addr, exc)`` when a queued datagram fails.
+
+    ``conn`` is free for the transport (the connection this outbox belongs to).
+    """
+
+    __slots__ = (
+        "_awaiting",
+        "_entries",
+        "_hold_until",
+        "_room",
+        "_wait_writable",
+        "_wake",
+        "_write",
+        "conn",
+        "datagrams",
+        "limit",
+        "on_error",
+        "pace",
+        "queued",
+    )
+
+    def __init__(
+        self,
+        write: Write,
+        wait_writable: Callable[[], Awaitable[object]],
+        *,
+        limit: int,
+        pace: float = 0.0,
+        datagrams: bool = False,
+        on_error: Callable[[Address | None, OSError], None] | None = None,
+    ) -> None:
+        self._write = write
+        self._wait_writable = wait_writable
+        self.limit = limit
+        self.pace = pace
+        self.datagrams = datagrams
+        self.on_error = on_error
+        self.conn: Any = None
+        self._entries: deque[_Entry] = deque()
+        self.queued = 0
+        self._hold_until = -math.inf
+        self._awaiting: Any = None
+        self._wake = anyio.Event()
+        self._room = anyio.Event()
+
+    @property
+    def full(self) -> bool:
+        """True when as many bytes are queued as the limit allows."""
+        return self.queued >= self.limit
+
+    def put(self, data: bytes, addr: Address | None = None, owner: Any = None) -> None:
+        """Write ``data`` now if possible, else queue it; never blocks.
+
+        ``owner`` (a confirmed send) gets ``owner.handle`` set to the queued
+        entry, or None once written. Raises the socket's OSError if the
+        immediate write fails.
+        """
+        entries = self._entries
+        if not entries and anyio.current_time() >= self._hold_until:
+            n = self._write(data, addr)
+            if n == len(data):
+                if owner is not None:
+                    owner.handle = None
+                self._written(owner)
+                return
+            entry = _Entry(self, memoryview(data)[n:] if n else data, addr, owner, n > 0)
+        else:
+            entry = _Entry(self, data, addr, owner, False)
+        entries.append(entry)
+        self.queued += len(entry.data)
+        if owner is not None:
+            owner.handle = entry
+        self._wake.set()
+
+    def _written(self, owner: Any) -> None:
+        if self.pace:
+            self._hold_until = anyio.current_time() + self.pace
+            self._awaiting = owner
+
+    async def wait_room(self) -> None:
+        """Wait until fewer bytes than the limit are queued.
+
+        Cancellation: nothing to undo.
+        """
+        while self.queued >= self.limit:
+            if self._room.is_set():
+                self._room = anyio.Event()
+            await self._room.wait()
+
+    @staticmethod
+    def of(owner: Any) -> Outbox | None:
+        """The outbox holding ``owner``'s queued message, if any."""
+        entry = owner.handle
+        return None if entry is None else entry.box
+
+    def abandon(self, owner: Any) -> bool:
+        """``owner`` stopped waiting: withdraw its message if none of it was written.
+
+        Returns True if part of it was written already: the stream can only
+        be kept whole by closing the connection.
+        """
+        entry = owner.handle
+        owner.handle = None
+        if entry is None or entry.dead:
+            return False
+        if entry.started:
+            return True
+        entry.dead = True
+        self._dequeued(len(entry.data))
+        return False
+
+    def release(self, owner: Any) -> None:
+        """The peer answered ``owner``'s message: it has read it, so stop holding."""
+        if owner is not None and owner is self._awaiting:
+            self._awaiting = None
+            self._hold_until = -math.inf
+            self._wake.set()
+
+    def trust(self) -> None:
+        """The peer frames messages itself: no pacing from now on."""
+        self.pace = 0.0
+        self._hold_until = -math.inf
+        self._awaiting = None
+        self._wake.set()
+
+    def _dequeued(self, n: int) -> None:
+        self.queued -= n
+        if self.queued < self.limit:
+            self._room.set()
+
+    async def run(self) -> None:
+        """The writer task: write queued messages in order until cancelled.
+
+        Raises the socket's OSError when a stream write fails (the transport
+        then closes the connection).
+        """
+        entries = self._entries
+        while True:
+            while entries and entries[0].dead:
+                entries.popleft()
+            if not entries:
+                if self._wake.is_set():
+                    self._wake = anyio.Event()
+                    continue
+                await self._wake.wait()
+                continue
+            hold = self._hold_until
+            if anyio.current_time() < hold:
+                if self._wake.is_set():
+                    self._wake = anyio.Event()
+                with anyio.CancelScope(deadline=hold):
+                    await self._wake.wait()
+                continue
+            await self._wait_writable()
+            entry = entries[0]
+            if entry.dead:
+                continue
+            try:
+                n = self._write(entry.data, entry.addr)
+            except OSError as exc:
+                if not self.datagrams:
+                    raise
+                entries.popleft()
+                self._dequeued(len(entry.data))
+                if entry.owner is not None:
+                    entry.owner.handle = None
+                if self.on_error is not None:
+                    self.on_error(entry.addr, exc)
+                continue
+            if not n:
+                continue
+            entry.started = True
+            if n < len(entry.data):
+                entry.data = memoryview(entry.data)[n:]
+                self._dequeued(n)
+                continue
+            entries.popleft()
+            self._dequeued(n)
+            if entry.owner is not None:
+                entry.owner.handle = None
+            self._written(entry.owner)
