@@ -18,6 +18,7 @@ import anyio
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, UDPSocket
 
 from trio_rignet import EchoProtocol, StreamDecoder
+from trio_rignet._tag import read_tag, strip_tag
 
 LOCALHOST = "127.0.0.1"
 
@@ -35,6 +36,17 @@ def free_port(kind: int = socket.SOCK_DGRAM) -> int:
     with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind((LOCALHOST, 0))
         return int(sock.getsockname()[1])
+
+
+def untag(raw: bytes) -> bytes:
+    """``raw`` as iblutil would have sent it: without its trio-rignet tag (which it must carry).
+
+    Every message a trio-rignet endpoint originates carries a tag in JSON
+    whitespace before its closing bracket (see ``trio_rignet._tag``); what is
+    left once it is removed is exactly iblutil's bytes.
+    """
+    assert read_tag(raw) is not None, f"no trio-rignet tag in {raw!r}"
+    return strip_tag(raw)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import anyio
 import pytest
 import trio
 import trio.testing
-from tests.helpers import LOCALHOST, raw_server
+from tests.helpers import LOCALHOST, raw_server, untag
 
 from trio_rignet import EchoProtocol, EchoTimeout, ExpMessage, Message, RignetError
 
@@ -167,7 +167,8 @@ async def test_echo_timeout_escapes_the_endpoint_block_unwrapped(
 @pytest.mark.trio
 @pytest.mark.parametrize("scheme", ["udp", "ws"])
 async def test_late_echo_is_swallowed(autojump_clock: trio.testing.MockClock, scheme: str) -> None:
-    """An echo arriving after the timeout is neither echoed back nor dispatched."""
+    """An echo arriving after the timeout is neither echoed back nor dispatched, and
+    does not confirm a later send of the same content."""
     async with (
         raw_server(scheme) as peer,
         EchoProtocol.client(peer.uri) as cli,
@@ -176,7 +177,7 @@ async def test_late_echo_is_swallowed(autojump_clock: trio.testing.MockClock, sc
         with pytest.raises(EchoTimeout):
             await cli.confirmed_send([1, "first"], timeout=5)
         first = await peer.recv()
-        assert first == b'[1, "first"]'
+        assert untag(first) == b'[1, "first"]'
         await peer.send(first)  # the late echo
         await peer.send(b"[32, 20]")  # then a message of the peer's own
         # The first thing the client sends back is the echo of [32, 20]: the late echo
@@ -187,38 +188,62 @@ async def test_late_echo_is_swallowed(autojump_clock: trio.testing.MockClock, sc
         )
         assert cli.stats.echoed == 1
         assert cli.stats.dropped == 0
+        assert cli.stats.late == 1
 
-        # A second send of the same bytes is confirmed by its own echo.
+        # A second send of the same content is a new message, confirmed by its own
+        # echo only: another late copy of the first echo does not confirm it.
         async with trio.open_nursery() as nursery:
             nursery.start_soon(cli.init, "first")
             again = await peer.recv()
-            assert again == first
+            assert untag(again) == untag(first)
+            assert again != first
+            await peer.send(first)
+            await peer.send(b"[32, 30]")
+            assert await peer.recv() == b"[32, 30]"
+            assert cli.awaiting_response()
+            assert cli.stats.late == 2
             await peer.send(again)
         assert cli.stats.confirmed == 1
         assert cli.stats.timeouts == 1
-        # Nothing else was dispatched: only the peer's own message.
+        # Nothing else was dispatched: only the peer's own messages.
+        assert await at_client.receive() == Message(
+            ExpMessage.EXPSTATUS, [30], (LOCALHOST, peer.port)
+        )
         with pytest.raises(anyio.WouldBlock):
             at_client.receive_nowait()
 
 
 @pytest.mark.trio
-async def test_lost_echo_of_unconfirmed_send_expires(
+async def test_echo_of_unconfirmed_send_is_recognised_however_late(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """An unconfirmed send whose echo never comes must not swallow the peer's later message.
-
-    The expected echo is remembered for two echo timeouts; after that, the same bytes
-    from the peer are a new message.
-    """
+    """The echo of a ``send`` is recognised as the endpoint's own however late it comes,
+    and never swallows the peer's own message with the same content."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
         peer.bind((LOCALHOST, 0))
         host, port = peer.getsockname()
-        async with EchoProtocol.client(f"udp://{host}:{port}", echo_timeout=1.0) as cli:
-            await cli.send(b"[1, null]")  # the peer never echoes it
-            _, client_addr = peer.recvfrom(100)
-            await trio.sleep(2.5)  # past two echo timeouts (virtual time)
-            async with cli.subscribe("init") as messages:
-                peer.sendto(b"[1, null]", client_addr)  # the peer's own message, same bytes
-                with trio.fail_after(5):
-                    msg = await messages.__anext__()
-            assert msg.data == [None]
+
+        async def recv() -> tuple[bytes, Address]:
+            with trio.fail_after(5):  # loopback delivers at once: a safety net only
+                await trio.lowlevel.wait_readable(peer)
+            return peer.recvfrom(100)
+
+        async with (
+            EchoProtocol.client(f"udp://{host}:{port}", echo_timeout=1.0) as cli,
+            cli.subscribe("init") as messages,
+        ):
+            await cli.send(b"[1, null]")  # the peer does not echo it (yet)
+            sent, client_addr = await recv()
+            assert untag(sent) == b"[1, null]"
+            # The peer's own message, same content: a new message, at once.
+            peer.sendto(b"[1, null]", client_addr)
+            assert await recv() == (b"[1, null]", client_addr)  # echoed
+            assert (await messages.receive()).data == [None]
+            # The echo, 1000 echo timeouts late (virtual time): dropped, not echoed back.
+            await trio.sleep(1000)
+            peer.sendto(sent, client_addr)
+            peer.sendto(b"[32, 20]", client_addr)
+            assert (await recv())[0] == b"[32, 20]"  # the next datagram back
+            assert cli.stats.late == 1
+            with pytest.raises(anyio.WouldBlock):
+                messages.receive_nowait()

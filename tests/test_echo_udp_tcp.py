@@ -23,6 +23,7 @@ from tests.helpers import (
     raw_server,
     raw_tcp_client,
     raw_udp,
+    untag,
     uri_of,
 )
 
@@ -37,6 +38,7 @@ from trio_rignet import (
     PeerUnavailable,
     RignetError,
 )
+from trio_rignet._tag import Tagger
 
 pytestmark = pytest.mark.anyio
 
@@ -157,13 +159,15 @@ async def test_signal_round_trip(
 async def test_signal_wire_bytes(
     scheme: str, signal: Signal, expected: Message, wire: bytes
 ) -> None:
-    """The bytes on the wire are exactly iblutil's, and the echo is accepted as confirmation."""
+    """The bytes on the wire are exactly iblutil's (plus the tag, JSON whitespace), and
+    the echo of those bytes is accepted as confirmation."""
     with anyio.fail_after(SAFETY):
         async with raw_server(scheme) as peer, EchoProtocol.client(peer.uri) as cli:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(signal, cli)
                 raw = await peer.recv()
-                assert raw == wire
+                assert untag(raw) == wire
+                assert json.loads(raw) == json.loads(wire)
                 await peer.send(raw)
             assert cli.stats.confirmed == 1
 
@@ -214,11 +218,41 @@ async def test_unconfirmed_send(scheme: str) -> None:
             assert await messages.receive() == Message(INIT, [None], cli.local_address)
             assert cli.stats.received == 2
             assert cli.stats.echoed == 0
+            assert cli.stats.late == 1  # the echo of the cleanup, recognised as its own
             assert cli.stats.sent == 2
             assert srv.stats.received == 2
             assert srv.stats.echoed == 2
             with pytest.raises(anyio.WouldBlock):
                 at_client.receive_nowait()  # the echo was not dispatched either
+
+
+async def test_repeats_are_echoed_each_time_and_dispatched_once(scheme: str) -> None:
+    """A repeat of a message tagged by a trio-rignet peer (a retransmission) is echoed
+    again, at most 16 times, but dispatched once; every copy of an untagged (iblutil)
+    message is a new message, as in iblutil."""
+    tagged = Tagger(session=0x1234).tag(b'[1, "tagged"]', seq=7)
+    with anyio.fail_after(SAFETY):
+        async with (
+            EchoProtocol.server(f"{scheme}://127.0.0.1:0") as srv,
+            srv.subscribe(INIT) as messages,
+            raw_client(srv) as peer,
+        ):
+            for _ in range(1 + 16):
+                await peer.send(tagged)
+                assert await peer.recv() == tagged
+            await peer.send(tagged)  # echoed too often already: dropped
+            for _ in range(2):
+                await peer.send(b'[1, "untagged"]')
+                assert await peer.recv() == b'[1, "untagged"]'  # the next thing echoed
+            got = [await messages.receive() for _ in range(3)]
+            assert [m.data for m in got] == [["tagged"], ["untagged"], ["untagged"]]
+            assert [m.tag for m in got] == [(0x1234, 7, None), None, None]
+            with pytest.raises(anyio.WouldBlock):
+                messages.receive_nowait()
+            assert srv.stats.duplicates == 16
+            assert srv.stats.stale == 1
+            assert srv.stats.echoed == 19
+            assert srv.is_trio_peer(peer.address)
 
 
 async def test_subscribe_by_name_and_on_event(scheme: str) -> None:
@@ -551,6 +585,33 @@ async def test_server_send_without_addr_is_type_error(scheme: str) -> None:
         assert srv.stats.sent == 0
 
 
+@pytest.mark.parametrize(
+    "data", [{"event": 1}, b'{"event": 1}', b"42", b'"text"', b"", b"[1, null"], ids=repr
+)
+async def test_message_must_be_a_json_array(scheme: str, data: Any) -> None:
+    """Whatever is sent must be a JSON array (``[event, ...]``): anything else is a
+    ValueError, and nothing is sent."""
+    with anyio.fail_after(SAFETY):
+        async with server_and_client(scheme) as (srv, cli), srv.subscribe(INIT) as messages:
+            with pytest.raises(ValueError, match="JSON array"):
+                await cli.confirmed_send(data)
+            assert not cli.awaiting_response()
+            with pytest.raises(ValueError, match="JSON array"):
+                await cli.send(data)
+            with pytest.raises(ValueError, match="JSON array"):
+                cli.send_nowait(data)
+            await cli.confirmed_send(b" [1, null]\n")  # whitespace around an array is fine
+            assert (await messages.receive()).data == [None]
+            assert srv.stats.received == 1  # the server got that one message only
+            assert cli.stats.confirmed == 1
+
+
+async def test_unknown_option_is_type_error() -> None:
+    with pytest.raises(TypeError, match=r"unknown endpoint option\(s\) \['bogus'\]"):
+        async with EchoProtocol.client("udp://127.0.0.1:9", bogus=1):  # type: ignore[call-arg]
+            pass  # pragma: no cover
+
+
 async def test_client_with_other_addr_is_value_error(scheme: str) -> None:
     with anyio.fail_after(SAFETY):
         async with server_and_client(scheme) as (srv, cli):
@@ -581,7 +642,8 @@ async def test_echo_timeout_option_must_be_positive(scheme: str) -> None:
 
 @pytest.mark.parametrize("method", ["send", "confirmed_send"])
 async def test_large_payload(scheme: str, method: str) -> None:
-    """Over 65507 bytes is refused for UDP with a hint to use TCP, and works over TCP."""
+    """More than fits a datagram (65507 bytes, less room for the tag) is refused for UDP
+    with a hint to use TCP, and works over TCP."""
     payload = [INIT, "x" * 70_000]
     with anyio.fail_after(SAFETY):
         async with server_and_client(scheme) as (srv, cli), srv.subscribe(INIT) as messages:
@@ -591,8 +653,13 @@ async def test_large_payload(scheme: str, method: str) -> None:
                 assert "65507" in str(exc_info.value)
                 assert cli.stats.sent == 0
                 assert not cli.awaiting_response()
-                # The largest datagram that fits still goes through.
-                text = "y" * (65507 - len(b'[1, ""]'))
+                # The largest message that fits one datagram with its tag still goes
+                # through; one byte more is refused before anything is sent.
+                assert cli.max_message_size < 65507
+                text = "y" * (cli.max_message_size - len(b'[1, ""]'))
+                with pytest.raises(ValueError, match="TCP"):
+                    await getattr(cli, method)([INIT, text + "y"])
+                assert cli.stats.sent == 0
                 await cli.confirmed_send([INIT, text])
                 assert (await messages.receive()).data == [text]
             else:
@@ -749,7 +816,7 @@ async def test_pending_waits_end_when_endpoint_closes(scheme: str) -> None:
                 tg.start_soon(wait_event)
                 tg.start_soon(iterate)
                 tg.start_soon(send)
-                assert await peer.recv() == b"[32, 20]"
+                assert untag(await peer.recv()) == b"[32, 20]"
                 await anyio.wait_all_tasks_blocked()
                 await cli.aclose()
             assert outcomes["subscription"] == []
@@ -831,7 +898,7 @@ async def test_peer_message_while_echo_pending(scheme: str) -> None:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(cli.init, {"subject": "mouse1"})
                 raw = await peer.recv()
-                assert raw == b'[1, {"subject": "mouse1"}]'
+                assert untag(raw) == b'[1, {"subject": "mouse1"}]'
                 if scheme == "udp":
                     await peer.send(b"[32, 20]")
                     await peer.send(raw)
@@ -844,28 +911,45 @@ async def test_peer_message_while_echo_pending(scheme: str) -> None:
 
 
 async def test_same_bytes_from_another_peer_are_not_an_echo(scheme: str) -> None:
-    """Bytes equal to a pending payload, but from another peer, are a new message."""
+    """Bytes equal to a pending send, but from another peer, do not confirm it.
+
+    The exact bytes (tag included) are this endpoint's own message: wherever they come
+    from, they are dropped as such (never dispatched, never echoed). The same content
+    sent by another peer is that peer's new message.
+    """
     with anyio.fail_after(SAFETY):
         async with (
             EchoProtocol.server(f"{scheme}://127.0.0.1:0") as srv,
             raw_client(srv) as asked,
+            raw_client(srv) as replayer,
             EchoProtocol.client(uri_of(srv)) as other,
             srv.subscribe(INIT | STATUS) as at_srv,
         ):
-            await asked.send(b"[32, 0]")  # introduce itself (a TCP server needs the connection)
-            assert await asked.recv() == b"[32, 0]"
-            assert await at_srv.receive() == Message(STATUS, [0], asked.address)
+            for raw_peer in (asked, replayer):
+                # introduce itself (a TCP server needs the connection)
+                await raw_peer.send(b"[32, 0]")
+                assert await raw_peer.recv() == b"[32, 0]"
+                assert await at_srv.receive() == Message(STATUS, [0], raw_peer.address)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(lambda: srv.confirmed_send([1, "same"], asked.address, LONG))
                 raw = await asked.recv()  # pending: the raw peer holds the echo back
-                assert raw == b'[1, "same"]'
-                await other.init("same")  # identical bytes, from another address
+                assert untag(raw) == b'[1, "same"]'
+                # The very bytes, from another address: not the echo, not a new message.
+                await replayer.send(raw)
+                await replayer.send(b"[32, 10]")  # arrives after it: when echoed, raw was handled
+                assert await replayer.recv() == b"[32, 10]"
+                assert await at_srv.receive() == Message(STATUS, [10], replayer.address)
+                assert srv.stats.late == 1
+                # The same content from another trio-rignet peer: its own new message.
+                await other.init("same")
                 assert await at_srv.receive() == Message(INIT, ["same"], other.local_address)
                 assert srv.awaiting_response(asked.address)
                 assert srv.stats.confirmed == 0
                 await asked.send(raw)
             assert srv.stats.confirmed == 1
             assert other.stats.confirmed == 1
+            with pytest.raises(anyio.WouldBlock):
+                at_srv.receive_nowait()
 
 
 # ------------------------------------------------------------------- TCP stream framing
@@ -1052,7 +1136,7 @@ async def test_tcp_disconnect_fails_pending_send_at_once() -> None:
             assert cli.is_connected
 
             async def hang_up() -> None:
-                assert await peer.recv() == b"[1, null]"
+                assert untag(await peer.recv()) == b"[1, null]"
                 await peer.disconnect()
 
             async with anyio.create_task_group() as tg:

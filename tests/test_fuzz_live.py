@@ -67,38 +67,38 @@ async def test_tcp_endpoint_survives_any_stream(chunks: list[bytes]) -> None:
             assert main.stats.confirmed == 1
 
 
-async def test_a_peer_that_never_reads_stalls_only_itself() -> None:
-    """Echoes to a peer that does not read back up on its own connection only."""
-    message = b"[1, null]"
+async def test_a_peer_that_never_reads_is_disconnected_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Echoes to a peer that does not read back up on its own connection only, up to a
+    bound: then that peer is disconnected, and the other peers are served throughout."""
     async with (
         EchoProtocol.server("ws://127.0.0.1:0") as rig,
         anyio.create_task_group() as tg,
     ):
         flooder = await anyio.connect_tcp(*rig.local_address)
-        flooded = anyio.Event()
+        cut = anyio.Event()
 
         async def flood() -> None:
-            chunk = message * 10_000
-            sent = 0
+            # Distinct messages: the same bytes over and over would be cut short as an
+            # echo ping-pong instead (see the echo core's rules).
+            chunk = b"".join(b"[1, %d]" % i for i in range(10_000))
             try:
                 while True:
                     await flooder.send(chunk)  # never reads the echoes
-                    sent += len(chunk)
-                    if sent > 4_000_000:
-                        flooded.set()
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                cut.set()  # the server hung up
 
         async with flooder:
             tg.start_soon(flood)
-            with anyio.fail_after(30):
-                await flooded.wait()  # the server has taken megabytes from it
             async with EchoProtocol.client(uri_of(rig), echo_timeout=5) as good:
                 for i in range(20):
                     await good.init(i)
-                assert good.stats.confirmed == 20
+                with anyio.fail_after(30):  # a safety net, not a measurement
+                    await cut.wait()
+                for i in range(20, 40):
+                    await good.init(i)
+                assert good.stats.confirmed == 40
             tg.cancel_scope.cancel()
-        assert rig.stats.received > 100_000
-        # The stalled connection holds at most one chunk and one echo, not the flood.
-        conn = next(iter(rig._transport._conns.values()), None)  # type: ignore[attr-defined]
-        assert conn is None or conn.decoder.buffered <= 65536
+        assert rig.stats.received > 10_000  # it really flooded
+        assert "(it is not reading)" in caplog.text

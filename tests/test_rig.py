@@ -15,6 +15,7 @@ dispatched before that echo comes back.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -335,7 +336,9 @@ async def test_result_over_the_udp_limit(scheme: str) -> None:
             error = await next_message(errors)
             assert error.data[1] == int(INIT)
             assert error.data[0].startswith("ValueError: ")
-            assert "UDP limit" in error.data[0]
+            assert "too large" in error.data[0]
+            assert "UDP" in error.data[0]
+            assert "ws:// (TCP)" in error.data[0]
         else:
             assert (await next_message(done)).data == [big]
 
@@ -585,3 +588,70 @@ async def test_handlers_of_one_event_run_concurrently(scheme: str) -> None:
         assert (await next_message(completions)).data == ["second"]
         release_first.set()
         assert (await next_message(completions)).data == ["first"]
+
+
+async def test_plain_handler_runs_in_a_worker_thread(scheme: str) -> None:
+    """A plain handler may block (starting a camera program, say): it runs in a worker
+    thread, so the rig keeps echoing and answering other signals meanwhile."""
+    entered = threading.Event()
+    release = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def slow_init(msg: Message) -> str:
+        threads.append(threading.current_thread())
+        entered.set()
+        release.wait(SAFETY)  # blocks its thread, never the rig's event loop
+        return "ready"
+
+    rig = new_rig(scheme, handlers={INIT: slow_init, STATUS: lambda msg: None})
+    async with running(rig) as main, main.subscribe(INIT | STATUS) as completions:
+        await main.init()
+        assert await anyio.to_thread.run_sync(entered.wait, SAFETY)
+        await main.status(ExpStatus.RUNNING)  # echoed and completed while init blocks
+        assert (await next_message(completions)).data == [int(ExpStatus.RUNNING)]
+        release.set()
+        assert (await next_message(completions)).data == ["ready"]
+    assert threads
+    assert threads[0] is not threading.main_thread()
+
+
+async def test_signals_beyond_max_handlers_are_answered_busy(scheme: str) -> None:
+    """At most ``max_handlers`` handlers run at once; a signal beyond that is echoed and
+    answered at once with an error report, never dropped silently."""
+    release = anyio.Event()
+    both_running = anyio.Event()
+    entered: list[str] = []
+
+    async def init(msg: Message) -> str:
+        entered.append(msg.data[0])
+        if len(entered) == 2:
+            both_running.set()
+        await release.wait()
+        return str(msg.data[0])
+
+    rig = new_rig(scheme, handlers={INIT: init}, max_handlers=2)
+    async with (
+        handled(rig) as finished,
+        running(rig) as main,
+        main.subscribe(INIT) as completions,
+        main.subscribe(0) as errors,
+    ):
+        await main.init("a")
+        await main.init("b")
+        await both_running.wait()
+        assert rig.running_handlers == 2
+        await main.init("c")  # still echoed: confirmed
+        error = await next_message(errors)
+        assert error.data[1] == int(INIT)
+        assert error.data[0].startswith("RuntimeError: ")
+        assert "busy" in error.data[0]
+        assert entered == ["a", "b"]
+        release.set()
+        done = [await next_message(completions) for _ in range(2)]
+        assert sorted(msg.data[0] for msg in done) == ["a", "b"]
+        # A handler counts until its completion is confirmed: wait until both are over.
+        assert sorted([(await finished.receive()).data[0] for _ in range(2)]) == ["a", "b"]
+        assert rig.running_handlers == 0
+        await main.init("d")  # capacity is back
+        assert (await next_message(completions)).data == ["d"]
+    assert entered == ["a", "b", "d"]

@@ -20,17 +20,18 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
+    Iterator,
     Mapping,
     MutableMapping,
 )
-from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import pytest
 import trio
-from tests.helpers import LOCALHOST, FakeAlyx, raw_server, raw_udp
+from tests.helpers import LOCALHOST, FakeAlyx, raw_server, raw_udp, untag
 
 from trio_rignet import (
     CompletionTimeout,
@@ -47,6 +48,7 @@ from trio_rignet import (
     Services,
     ServicesError,
 )
+from trio_rignet._events import Subscription
 
 pytestmark = pytest.mark.anyio
 
@@ -78,11 +80,16 @@ def scheme(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+def subscriptions(rig: EchoProtocol) -> dict[int, int]:
+    """Event code -> subscriptions (completion waits included) registered on ``rig``."""
+    return {code: len(subs) for code, subs in rig._events._subs.items()}
+
+
 def assert_nothing_registered(services: Mapping[str, EchoProtocol]) -> None:
     """No confirmed send, subscription or completion wait is left on any endpoint."""
     for name, rig in services.items():
-        assert rig._pending == {}, name
-        assert rig._subs == {}, name
+        assert rig._core.table_sizes()["pending"] == 0, name
+        assert subscriptions(rig) == {}, name
         assert not rig.awaiting_response(), name
 
 
@@ -189,20 +196,16 @@ async def rig_fleet(
 @asynccontextmanager
 async def watching(
     services: Mapping[str, EchoProtocol], event: ExpMessage
-) -> AsyncIterator[dict[str, anyio.abc.ObjectReceiveStream[Message]]]:
+) -> AsyncIterator[dict[str, Subscription]]:
     """Subscribe to ``event`` on every endpoint: sees every completion, late ones too."""
     async with AsyncExitStack() as stack:
         streams = {}
         for name, rig in services.items():
-            messages = await stack.enter_async_context(rig.subscribe(event))
-            assert isinstance(messages, anyio.abc.ObjectReceiveStream)
-            streams[name] = messages
+            streams[name] = await stack.enter_async_context(rig.subscribe(event))
         yield streams
 
 
-async def collect(
-    watchers: Mapping[str, anyio.abc.ObjectReceiveStream[Message]], names: Iterable[str]
-) -> dict[str, Message]:
+async def collect(watchers: Mapping[str, Subscription], names: Iterable[str]) -> dict[str, Message]:
     """The next message each of ``names`` sent (a completion, late or not)."""
     got = {}
     with anyio.fail_after(SAFETY):
@@ -211,16 +214,29 @@ async def collect(
     return got
 
 
+def assert_addressed(
+    got: list[tuple[str, str]], expected: list[tuple[str, str]], concurrent: bool
+) -> None:
+    """Sequential mode signals the rigs one by one in ``expected``'s order; concurrent
+    mode signals them all at once, in no promised order, each exactly once."""
+    if concurrent:
+        assert sorted(got) == sorted(expected)
+    else:
+        assert got == expected
+
+
 def assert_only_watchers(services: Mapping[str, EchoProtocol], event: ExpMessage) -> None:
     """Nothing is registered but the subscriptions of :func:`watching`."""
     for name, rig in services.items():
-        assert rig._pending == {}, name
+        assert rig._core.table_sizes()["pending"] == 0, name
         assert not rig.awaiting_response(), name
-        assert {code: len(subs) for code, subs in rig._subs.items()} == {int(event): 1}, name
+        assert subscriptions(rig) == {int(event): 1}, name
 
 
 class BurstRig:
     """A raw UDP rig that sends the echo and the completion back to back.
+
+    ``signals`` holds every signal as received (trio-rignet tags included).
 
     Both datagrams are queued before the endpoint's receive task runs again, so
     the endpoint handles the completion right after the echo without the
@@ -252,11 +268,12 @@ class BurstRig:
 
 
 def same_bytes(signal: bytes) -> bytes | None:
-    """Complete with the signal's own bytes, as a rig calling ``init(data)`` back does.
+    """Complete with the signal's iblutil bytes, as an iblutil rig calling ``init(data)``
+    back does (its message carries no trio-rignet tag).
 
     ALYX gets no completion.
     """
-    return None if json.loads(signal)[0] == ALYX else signal
+    return None if json.loads(signal)[0] == ALYX else untag(signal)
 
 
 @asynccontextmanager
@@ -350,8 +367,8 @@ async def test_every_signal_on_real_rigs(scheme: str, count: int, concurrent: bo
             assert list(responses) == names, "responses are in the given order"
             order = names[::-1] if event in REVERSED else names
             addressed = [(name, event.name) for name in order]
-            assert fleet.received == addressed, case.id
-            assert fleet.handled == addressed, case.id
+            assert_addressed(fleet.received, addressed, concurrent)
+            assert_addressed(fleet.handled, addressed, concurrent)
             assert_nothing_registered(fleet.services)
 
 
@@ -384,7 +401,7 @@ async def test_rigs_that_answer_instantly_are_not_missed(concurrent: bool) -> No
                 }
         assert_nothing_registered(services)
         for rig in rigs:
-            assert rig.signals == [b"[1, null]", b"[32, 20]"] * 10
+            assert [untag(signal) for signal in rig.signals] == [b"[1, null]", b"[32, 20]"] * 10
 
 
 @both_modes
@@ -426,14 +443,16 @@ async def test_rig_that_never_completes(scheme: str, concurrent: bool) -> None:
         assert isinstance(exc, CompletionTimeout)
         assert isinstance(exc, TimeoutError)
         assert (exc.rig, exc.event, exc.timeout) == ("mute", START, SHORT)
-        assert "mute" in str(exc)
-        assert "mute" in str(err)
+        assert str(exc).startswith("mute: ")
+        assert "failed on 1 of 3 rigs: mute: confirmed EXPSTART" in str(err)  # named once
         assert err.responses == {
             "video": [EXP_REF, answer("video", EXP_REF, None)],
             "ephys": [EXP_REF, answer("ephys", EXP_REF, None)],
         }
         # The mute rig did get the signal, and every rig was addressed.
-        assert [name for name, _ in fleet.received] == ["video", "mute", "ephys"]
+        assert_addressed(
+            fleet.received, [(name, "EXPSTART") for name in ["video", "mute", "ephys"]], concurrent
+        )
         assert_nothing_registered(fleet.services)
 
 
@@ -463,7 +482,11 @@ async def test_rig_whose_handler_raises(scheme: str, concurrent: bool) -> None:
         assert exc.peer == fleet.services["ephys"]._peer
         assert "camera not found" in str(err)
         assert err.responses == {"video": [answer("video", None)], "sync": [answer("sync", None)]}
-        assert fleet.handled == [("sync", "EXPEND"), ("ephys", "EXPEND"), ("video", "EXPEND")]
+        assert_addressed(
+            fleet.handled,
+            [("sync", "EXPEND"), ("ephys", "EXPEND"), ("video", "EXPEND")],
+            concurrent,
+        )
         assert_nothing_registered(fleet.services)
         # The same rig still answers other signals.
         with anyio.fail_after(SAFETY):
@@ -506,7 +529,8 @@ async def test_rig_that_never_echoes(concurrent: bool) -> None:
         }
         assert_nothing_registered(services)
         with anyio.fail_after(SAFETY):
-            assert await silent.recv() == (b"[64, 20, null]", silent_rig.local_address)
+            signal, addr = await silent.recv()
+            assert (untag(signal), addr) == (b"[64, 20, null]", silent_rig.local_address)
 
 
 @both_modes
@@ -534,7 +558,7 @@ async def test_rig_that_drops_the_tcp_connection(concurrent: bool) -> None:
     ):
 
         async def drop() -> None:
-            assert await dropper.recv() == b"[8, null]"
+            assert untag(await dropper.recv()) == b"[8, null]"
             await dropper.disconnect()
 
         tg.start_soon(drop)
@@ -592,8 +616,61 @@ async def test_open_passes_options_and_closes_every_endpoint(scheme: str) -> Non
         assert not any(rig.is_connected for rig in services.values())
 
 
-async def test_open_closes_the_others_when_one_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A ws:// rig with nothing listening: PeerUnavailable out of ``async with``, all closed."""
+@contextmanager
+def refused_tcp_port() -> Iterator[int]:
+    """A loopback TCP port bound but not listening: a connection attempt is refused."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as refuser:
+        refuser.bind((LOCALHOST, 0))
+        yield refuser.getsockname()[1]
+
+
+async def test_open_with_a_rig_down_opens_the_others() -> None:
+    """A ws:// rig with nothing listening does not stop ``Services.open``: it connects in
+    the background, and each signal fails for that rig only until it is up."""
+    with refused_tcp_port() as port:
+        async with rig_fleet(["video", "ephys"]) as fleet:
+            uris = {
+                "video": fleet.services["video"].server_uri,
+                "nobody": f"ws://{LOCALHOST}:{port}",
+                "ephys": fleet.services["ephys"].server_uri,
+            }
+            with anyio.fail_after(SAFETY):
+                async with Services.open(uris, echo_timeout=LONG, timeout=LONG) as services:
+                    assert list(services) == ["video", "nobody", "ephys"]
+                    state = services.state
+                    assert not state["nobody"].connected
+                    assert state["video"].connected
+                    assert state["ephys"].connected
+                    assert not services.is_connected
+                    with pytest.raises(ServicesError) as info:
+                        await services.init()
+                    err = info.value
+                    assert err.event is INIT
+                    assert list(err.failures) == ["nobody"]
+                    exc = err.failures["nobody"]
+                    assert isinstance(exc, PeerUnavailable)
+                    assert exc.peer == (LOCALHOST, port)
+                    assert err.responses == {
+                        "video": [answer("video", None)],
+                        "ephys": [answer("ephys", None)],
+                    }
+                    assert services.state["nobody"].last_error is exc
+                    assert services.state["video"].last_error is None
+                    # Going on without it.
+                    others = services.without("nobody")
+                    assert list(others) == ["video", "ephys"]
+                    assert await others.init() == err.responses
+                    assert_nothing_registered(services)
+        assert not any(rig.is_connected for rig in services.values())
+
+
+@pytest.mark.parametrize("how", ["wait", "no-reconnect"])
+async def test_open_fails_naming_the_rig_that_is_down(
+    monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Opening fails for a rig that is down if asked to: not connected within ``wait``, or
+    refused with ``reconnect=False``. One ServicesError (``event`` None) names it; the
+    body never runs; every endpoint that was opened is closed."""
     opened: list[EchoProtocol] = []
     others_open = anyio.Event()
     real_client = EchoProtocol.client
@@ -609,10 +686,8 @@ async def test_open_closes_the_others_when_one_fails(monkeypatch: pytest.MonkeyP
             yield endpoint
 
     body_ran = False
-    # Bound but not listening: a connection attempt is refused.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as refuser:
-        refuser.bind((LOCALHOST, 0))
-        port = refuser.getsockname()[1]
+    options: dict[str, Any] = {"wait": SHORT} if how == "wait" else {"reconnect": False}
+    with refused_tcp_port() as port:
         async with rig_fleet(["video", "ephys"]) as fleet:
             monkeypatch.setattr(EchoProtocol, "client", client)
             uris = {
@@ -620,12 +695,20 @@ async def test_open_closes_the_others_when_one_fails(monkeypatch: pytest.MonkeyP
                 "nobody": f"ws://{LOCALHOST}:{port}",
                 "ephys": fleet.services["ephys"].server_uri,
             }
-            with anyio.fail_after(SAFETY), pytest.raises(PeerUnavailable) as info:
-                async with Services.open(uris):
+            with anyio.fail_after(SAFETY), pytest.raises(ServicesError) as info:
+                async with Services.open(uris, **options):
                     body_ran = True  # pragma: no cover
     assert not body_ran
-    assert info.value.peer == (LOCALHOST, port)
-    assert sorted(rig.name for rig in opened) == ["ephys", "video"]
+    err = info.value
+    assert err.event is None
+    assert list(err.failures) == ["nobody"]
+    exc = err.failures["nobody"]
+    assert isinstance(exc, PeerUnavailable)
+    assert exc.peer == (LOCALHOST, port)
+    assert str(err).startswith("opening failed on 1 of 3 rigs: nobody: ")
+    assert sorted(err.responses) == ["ephys", "video"]
+    expected = ["ephys", "nobody", "video"] if how == "wait" else ["ephys", "video"]
+    assert sorted(rig.name for rig in opened) == expected
     assert not any(rig.is_connected for rig in opened)
     assert all(rig._stopped.is_set() for rig in opened)
 
@@ -665,7 +748,7 @@ async def test_cancel_before_the_echo(concurrent: bool) -> None:
             assert_nothing_registered({"silent": silent_rig})
             assert_only_watchers(fleet.services, INIT)
             addressed = ["video", "ephys"] if concurrent else ["video"]
-            assert fleet.received == [(name, "EXPINIT") for name in addressed]
+            assert_addressed(fleet.received, [(name, "EXPINIT") for name in addressed], concurrent)
             late = await collect(watchers, addressed)
             assert {name: msg.data for name, msg in late.items()} == {
                 name: [answer(name, "first")] for name in addressed
@@ -676,17 +759,18 @@ async def test_cancel_before_the_echo(concurrent: bool) -> None:
         # does not echo it back) and handles what comes next as usual.
         with anyio.fail_after(SAFETY):
             signal, addr = await silent.recv()
-            assert (signal, addr) == (b'[1, "first"]', silent_rig.local_address)
+            assert (untag(signal), addr) == (b'[1, "first"]', silent_rig.local_address)
             await silent.send(signal, addr)
             await silent.send(b"[32, 10]", addr)
             assert await silent.recv() == (b"[32, 10]", addr)
         assert silent_rig.stats.echoed == 1
+        assert silent_rig.stats.late == 1
         assert silent_rig.stats.timeouts == 0
 
         # The next call succeeds, the silent rig now answering like a rig.
         async def answer_once() -> None:
             signal, addr = await silent.recv()
-            assert signal == b'[1, "second"]'
+            assert untag(signal) == b'[1, "second"]'
             await silent.send(signal, addr)
             await silent.send(b'[1, "done"]', addr)
             assert await silent.recv() == (b'[1, "done"]', addr)
@@ -716,7 +800,7 @@ async def test_cancel_while_awaiting_the_completion(scheme: str, concurrent: boo
             assert services["mute"].stats.confirmed == 1, "the echo came before the cancel"
             assert_only_watchers(services, START)
             addressed = names if concurrent else ["video", "mute"]
-            assert fleet.received == [(name, "EXPSTART") for name in addressed]
+            assert_addressed(fleet.received, [(name, "EXPSTART") for name in addressed], concurrent)
             late = await collect(watchers, [name for name in addressed if name != "mute"])
             assert late["video"].data == [EXP_REF, answer("video", EXP_REF, None)]
         assert_nothing_registered(services)
@@ -730,14 +814,30 @@ async def test_cancel_while_awaiting_the_completion(scheme: str, concurrent: boo
 
 @both_modes
 async def test_cancel_from_a_rig_handler(scheme: str, concurrent: bool) -> None:
-    """A cancel scope cancelled by the last rig's handler; its completion comes late."""
+    """A cancel scope cancelled by the last rig's handler once every rig has the signal;
+    its completion comes late."""
     scope = anyio.CancelScope()
     release = anyio.Event()
+    all_handled = anyio.Event()
+    names = ["video", "ephys", "sync"]
+
+    def record(name: str, handled: list[tuple[str, str]], msg: Message) -> None:
+        handled.append((name, msg.event.name or ""))
+        if len(handled) == len(names):
+            all_handled.set()
+
+    def counted(name: str, handled: list[tuple[str, str]]) -> RigHandler:
+        async def handler(msg: Message) -> Any:
+            record(name, handled, msg)
+            return {"rig": name, "got": msg.data}
+
+        return handler
 
     def canceller(name: str, handled: list[tuple[str, str]]) -> RigHandler:
         async def handler(msg: Message) -> Any:
-            handled.append((name, msg.event.name or ""))
+            record(name, handled, msg)
             if not release.is_set():
+                await all_handled.wait()  # concurrent mode: the rigs' order is not promised
                 scope.cancel()
                 await release.wait()
                 return "late"
@@ -745,15 +845,15 @@ async def test_cancel_from_a_rig_handler(scheme: str, concurrent: bool) -> None:
 
         return handler
 
-    names = ["video", "ephys", "sync"]
-    async with rig_fleet(names, scheme, handlers={"sync": canceller}) as fleet:
+    handlers = {"video": counted, "ephys": counted, "sync": canceller}
+    async with rig_fleet(names, scheme, handlers=handlers) as fleet:
         services = fleet.services
         async with watching(services, INIT) as watchers:
             with scope:
                 await services.init(concurrent=concurrent)
             assert scope.cancelled_caught
             assert_only_watchers(services, INIT)
-            assert fleet.handled == [(name, "EXPINIT") for name in names]
+            assert_addressed(fleet.handled, [(name, "EXPINIT") for name in names], concurrent)
             release.set()
             late = await collect(watchers, names)
             assert late["sync"].data == ["late"]
@@ -798,7 +898,7 @@ async def test_concurrent_mode_waits_for_rigs_together(
         responses = await fleet.services.init(concurrent=concurrent)
         elapsed = trio.current_time() - start
         assert responses == {name: [name] for name in NAMES}
-        assert fleet.handled == [(name, "EXPINIT") for name in NAMES]
+        assert_addressed(fleet.handled, [(name, "EXPINIT") for name in NAMES], concurrent)
         if concurrent:
             assert 1.0 <= elapsed < 2.0
         else:
@@ -953,7 +1053,7 @@ async def test_assign_and_clear_callbacks() -> None:
                 services.assign_callback("EXPEND", "foo", return_service=True)  # type: ignore[arg-type]
             with pytest.raises(ValueError, match="EXPSTOP"):
                 services.assign_callback("EXPSTOP", plain)
-            assert all(int(END) not in client._callbacks for client in clients)
+            assert all(int(END) not in client._events._callbacks for client in clients)
 
             # Clearing: by callback (with or without the service), then all of them.
             services.assign_callback("EXPINIT", with_service)
@@ -962,7 +1062,7 @@ async def test_assign_and_clear_callbacks() -> None:
             assert services.clear_callbacks(START) == {"client1": 1, "client2": 1}
             assert services.clear_callbacks("expinit") == {"client1": 1, "client2": 1}
             assert services.clear_callbacks("expinit") == {"client1": 0, "client2": 0}
-            assert all(client._callbacks == {} for client in clients)
+            assert all(client._events._callbacks == {} for client in clients)
 
             calls.clear()
             with anyio.fail_after(SAFETY):
@@ -983,7 +1083,7 @@ async def test_await_all() -> None:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(wait)
                 await anyio.wait_all_tasks_blocked()
-                assert all(int(STATUS) in client._subs for client in clients)
+                assert all(int(STATUS) in subscriptions(client) for client in clients)
                 for client in reversed(clients):
                     await server.status(statuses[client.name], addr=client.local_address)
         assert result == {name: [status] for name, status in statuses.items()}
@@ -1042,11 +1142,13 @@ async def test_each_service_method_on_the_wire() -> None:
         with anyio.fail_after(SAFETY):
             for call, wire, data in calls:
                 assert await call() == {"rig1": data, "rig2": data}
-                assert rigs[0].signals[-1] == rigs[1].signals[-1] == wire
+                assert untag(rigs[0].signals[-1]) == untag(rigs[1].signals[-1]) == wire
             assert await services.alyx(FakeAlyx()) is None
         alyx_wire = b'[128, "https://alyx.example.org", {"experimenter": "0123456789abcdef"}]'
         for rig in rigs:
-            assert rig.signals == [wire for _, wire, _ in calls] + [alyx_wire]
+            assert [untag(signal) for signal in rig.signals] == [wire for _, wire, _ in calls] + [
+                alyx_wire
+            ]
         assert_nothing_registered(services)
 
         with pytest.raises(ValueError, match="logged-in"):
@@ -1082,7 +1184,9 @@ async def test_oversized_signal_is_rejected_before_anything_is_sent(concurrent: 
         assert_nothing_registered(fleet.services)
         with anyio.fail_after(SAFETY):
             await fleet.services.status(ExpStatus.RUNNING, concurrent=concurrent)
-        assert fleet.received == [("video", "EXPSTATUS"), ("ephys", "EXPSTATUS")]
+        assert_addressed(
+            fleet.received, [("video", "EXPSTATUS"), ("ephys", "EXPSTATUS")], concurrent
+        )
 
 
 async def test_server_endpoints_are_rejected() -> None:

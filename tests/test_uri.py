@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from trio_rignet import LISTEN_PORT, hostname2ip, is_valid_ip, validate_uri
-from trio_rignet._uri import SCHEMES, Endpoint, normalize_host, split_uri
+from trio_rignet._uri import SCHEMES, Endpoint, canonical_address, canonical_host, split_uri
 
 
 @pytest.fixture
@@ -188,9 +188,17 @@ class TestSplitUri:
         assert split_uri("udp://127.0.0.1:80").transport == "udp"
         assert [split_uri(f"{s}://h:1").transport for s in ("ws", "wss", "tcp")] == ["tcp"] * 3
 
-    def test_normalize_host(self) -> None:
-        assert normalize_host("0:0:0:0:0:0:0:1") == "::1"
-        assert normalize_host("127.0.0.1") == "127.0.0.1"
+    def test_canonical_host(self) -> None:
+        assert canonical_host("0:0:0:0:0:0:0:1") == "::1"
+        assert canonical_host("127.0.0.1") == "127.0.0.1"
+        assert canonical_host("FE80::1%eth0") == "fe80::1%eth0"
+        assert canonical_host("not an address") == "not an address"
+
+    @pytest.mark.parametrize("mapped", ["::ffff:127.0.0.1", "::ffff:7f00:1", "::FFFF:7F00:0001"])
+    def test_ipv4_mapped_is_ipv4(self, mapped: str) -> None:
+        """However a Python version spells an IPv4-mapped address, it is the IPv4 peer."""
+        assert canonical_host(mapped) == "127.0.0.1"
+        assert canonical_address((mapped, 9, 0, 0)) == ("127.0.0.1", 9)
 
 
 class TestIpHelpers:

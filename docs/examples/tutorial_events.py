@@ -12,7 +12,8 @@ started = trio.Event()
 
 
 @behaviour.handle("start")
-def start_task(msg: Message) -> str:
+async def start_task(msg: Message) -> str:
+    # async: it sets a Trio event (a plain handler runs in a worker thread)
     main_pc["addr"] = msg.addr  # the address the start signal came from
     started.set()
     return "task started"

@@ -27,6 +27,18 @@ The rules (the reliability page of the docs states them for users):
    than the window is dropped. Messages without a tag (iblutil peers) are
    each a new message, as in iblutil: an iblutil peer that sends the same
    bytes twice means it twice.
+5. **An echo ping-pong with an untagged peer is cut.** iblutil echoes any
+   message it is not waiting for, our echoes included (after a duplicated
+   datagram, or its own unconfirmed ``send()``), and such a bounce looks
+   exactly like a peer repeating itself. A peer that sends the same untagged
+   bytes again within :attr:`Limits.bounce_window` of our echo of them,
+   :attr:`Limits.bounce_after` times in a row, while we send it nothing and
+   it echoes nothing of ours, is bouncing: from then on, copies of those bytes that keep coming
+   within the window are dropped (not echoed, not dispatched), which ends the
+   exchange. This needs a round trip shorter than the window (20 ms: a LAN);
+   a peer must repeat itself that fast, 32 times in a row, to be mistaken
+   for a bounce. Messages trio-rignet originates never bounce at all
+   (rules 1-2), whatever the delays.
 4. **Every confirmed send ends exactly once**: confirmed, timed out, peer
    unavailable, endpoint closed, or cancelled (:class:`Outcome`).
 
@@ -84,7 +96,7 @@ class Received(enum.IntEnum):
     DUPLICATE = 4
     """A repeat of a peer's message already dispatched: echo it again, do not dispatch."""
     STALE = 5
-    """A repeat too old to echo, or echoed too often already: drop."""
+    """A repeat too old to echo, echoed too often already, or a bounce: drop."""
     MALFORMED = 6
     """Not a valid message: drop (log the reason)."""
     REFUSED = 7
@@ -108,6 +120,7 @@ class EchoStats:
         late: this endpoint's own messages that came back with nothing waiting
             (late or duplicated echoes), dropped.
         stale: repeats of a peer's message too old or too often repeated to echo.
+        bounces: echo ping-pongs with an untagged peer cut short.
         rtt_count: echo round trips measured.
         rtt_total: sum of echo round-trip times, seconds.
         rtt_min: shortest round trip, seconds (``inf`` before the first).
@@ -126,6 +139,7 @@ class EchoStats:
     duplicates: int = 0
     late: int = 0
     stale: int = 0
+    bounces: int = 0
     rtt_count: int = 0
     rtt_total: float = 0.0
     rtt_min: float = math.inf
@@ -151,6 +165,8 @@ class Limits:
             than this many messages from that peer is dropped.
         reechoes: times a repeated message is echoed again before further
             copies are dropped (a retransmitting sender needs one per loss).
+        bounce_after: untagged repeats in a row that make an echo ping-pong.
+        bounce_window: seconds after our echo within which a repeat counts.
     """
 
     sessions: int = 4096
@@ -158,6 +174,8 @@ class Limits:
     peers: int = 4096
     window: int = 1024
     reechoes: int = 16
+    bounce_after: int = 32
+    bounce_window: float = 0.02
 
 
 _K = TypeVar("_K", bound=Hashable)
@@ -296,7 +314,12 @@ class EchoCore:
         self._verified: _Bounded[Address, bool] = _Bounded(limits.peers)
         self._tagged: _Bounded[Address, int] = _Bounded(limits.peers)
         self._keys: _Bounded[tuple[Any, ...], Address] = _Bounded(limits.peers)
-        self._srtt = math.nan
+        # Rule 5. (peer, hash of an untagged message) -> [epoch, repeats in a row, when];
+        # a peer's epoch moves on whenever we send it something or it echoes us.
+        self._streaks: _Bounded[tuple[Address, int], list[Any]] = _Bounded(limits.peers * 4)
+        self._epochs: _Bounded[Address, int] = _Bounded(limits.peers)
+        self._srtt = math.nan  # RFC 6298 round-trip estimate, from unretransmitted sends
+        self._rttvar = 0.0
 
     # ------------------------------------------------------------------ peers
 
@@ -359,6 +382,7 @@ class EchoCore:
             )
         peer = self.peer_key(addr)
         seq = self._next_seq(peer)
+        self._exchanged(peer)
         return peer, seq, self._tagger.tag(body, seq, reply_to)
 
     def post(self, addr: Address, payload: bytes, *, reply_to: int | None = None) -> bytes:
@@ -367,8 +391,9 @@ class EchoCore:
         Its echo, whenever it comes, is recognised as this endpoint's own
         message and dropped.
         """
+        wire = self.originate(addr, payload, reply_to=reply_to)[2]
         self.stats.sent += 1
-        return self.originate(addr, payload, reply_to=reply_to)[2]
+        return wire
 
     def open_send(
         self,
@@ -387,8 +412,7 @@ class EchoCore:
         peer, seq, wire = self.originate(addr, payload, reply_to=reply_to)
         send = Send(addr, peer, wire, seq, now, timeout)
         if self.reliable:
-            rto = max(_RTO_MIN, 4 * self._srtt) if self._srtt == self._srtt else 4 * _RTO_MIN
-            send.rto = min(rto, self._max_rto(timeout))
+            send.rto = min(self.rto, self._max_rto(timeout))
             send.retry_at = now + send.rto
         waiting = self._pending.get(peer)
         if waiting is None:
@@ -400,6 +424,14 @@ class EchoCore:
             sends.append(send)
         self.stats.sent += 1
         return send
+
+    @property
+    def rto(self) -> float:
+        """The first retransmission delay (RFC 6298: srtt + 4 rttvar, at least 10 ms)."""
+        srtt = self._srtt
+        if srtt != srtt:  # no sample yet
+            return 4 * _RTO_MIN
+        return max(_RTO_MIN, srtt + 4 * self._rttvar)
 
     @staticmethod
     def _max_rto(timeout: float) -> float:
@@ -509,6 +541,7 @@ class EchoCore:
                     if not waiting:
                         del self._pending[peer]
                 self._confirm(send, now)
+                self._exchanged(peer)
                 return Received.ECHO, send
         tag = read_tag(key)
         if tag is not None:
@@ -520,8 +553,33 @@ class EchoCore:
         except MessageError as exc:
             stats.dropped += 1
             return Received.MALFORMED, str(exc)
+        if tag is None and msg.event and self._bouncing(peer, key, now):
+            stats.bounces += 1
+            return Received.STALE, None
         self._heard.touch(peer, True)
         return Received.NEW, msg
+
+    def _exchanged(self, peer: Address) -> None:
+        """We sent ``peer`` something, or it echoed us: its repeats so far are no ping-pong."""
+        self._epochs.put(peer, (self._epochs.get(peer) or 0) + 1)
+
+    def _bouncing(self, peer: Address, key: bytes, now: float) -> bool:
+        """Rule 5: is this untagged message a hop of an echo ping-pong?
+
+        Once a ping-pong is detected, every further copy of those bytes that
+        arrives within ``bounce_window`` of the previous one is dropped too
+        (duplicated datagrams may have started several in parallel).
+        """
+        epoch = self._epochs.get(peer) or 0
+        key_ = (peer, hash(key))
+        streak = self._streaks.get(key_)
+        if streak is None or streak[0] != epoch or now - streak[2] > self.limits.bounce_window:
+            self._streaks.put(key_, [epoch, 0, now])
+            return False
+        streak[1] += 1
+        streak[2] = now
+        self._streaks.touch(key_, streak)
+        return bool(streak[1] >= self.limits.bounce_after)
 
     def _confirm(self, send: Send, now: float) -> None:
         send.outcome = Outcome.CONFIRMED
@@ -535,7 +593,11 @@ class EchoCore:
         stats.rtt_last = rtt
         if not send.retransmits:  # Karn: a retransmitted send's round trip is ambiguous
             srtt = self._srtt
-            self._srtt = rtt if srtt != srtt else 0.875 * srtt + 0.125 * rtt
+            if srtt != srtt:
+                self._srtt, self._rttvar = rtt, rtt / 2
+            else:
+                self._rttvar = 0.75 * self._rttvar + 0.25 * abs(srtt - rtt)
+                self._srtt = 0.875 * srtt + 0.125 * rtt
         self._verified.touch(send.peer, True)
 
     def _check_tag(self, peer: Address, tag: Tag) -> Received | None:
@@ -560,8 +622,8 @@ class EchoCore:
             else:
                 behind = (high - seq) & _MASK32
                 if behind >= size:
-                    stats.stale += 1
-                    return Received.STALE
+                    # Older than the window: a repeat if still remembered, else too old.
+                    return self._repeat((peer, session, seq))
                 if seen >> behind & 1:
                     return self._repeat((peer, session, seq))
                 window[1] = seen | 1 << behind
@@ -591,4 +653,6 @@ class EchoCore:
             "verified": len(self._verified),
             "tagged": len(self._tagged),
             "keys": len(self._keys),
+            "streaks": len(self._streaks),
+            "epochs": len(self._epochs),
         }

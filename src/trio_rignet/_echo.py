@@ -11,6 +11,7 @@ Leaving the ``async with`` block cancels every task and closes every socket.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import math
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -165,6 +166,7 @@ class EchoProtocol:
         )
         self._events = Events(self.name, self.logger, self._report_failure)
         self._log = RateLimit()
+        self._addresses: dict[Any, Address] = {}
         self._tg: TaskGroup | None = None
         self._closing = False
         self._stopped = anyio.Event()
@@ -362,11 +364,27 @@ class EchoProtocol:
     # ------------------------------------------------------------------ sending
 
     def _canonical(self, addr: Any) -> Address:
+        """``addr`` checked and in canonical form (see :func:`canonical_address`)."""
+        try:
+            known = self._addresses.get(addr)
+        except TypeError:  # unhashable
+            known = None
+        if known is not None:
+            return known
         try:
             host, port = addr
-            return canonical_address((str(host), int(port)))
+            ipaddress.ip_address(str(host).partition("%")[0])
+            if not 0 <= int(port) <= 65535:
+                raise ValueError
+            key = canonical_address((str(host), int(port)))
         except (TypeError, ValueError):
-            raise TypeError(f"addr must be a (host, port) tuple, got {addr!r}") from None
+            raise TypeError(
+                f"addr must be a (host, port) tuple with an IP address, got {addr!r}"
+            ) from None
+        if len(self._addresses) >= 1024:
+            self._addresses.clear()
+        self._addresses[addr] = key
+        return key
 
     def _target(self, addr: Address | None) -> Address:
         if self._role == "server":
@@ -392,10 +410,15 @@ class EchoProtocol:
     def _payload(self, data: Any) -> bytes:
         payload = encode(data)
         if len(payload) > self.max_message_size:
+            if self.protocol == "udp":
+                raise ValueError(
+                    f"a message of {len(payload)} bytes is too large for UDP (a datagram holds "
+                    f"{UDP_MAX_PAYLOAD} bytes, {TAG_ROOM} of them kept for the tag); use a "
+                    "ws:// (TCP) URI for large messages"
+                )
             raise ValueError(
-                f"a message of {len(payload)} bytes exceeds this endpoint's limit of "
-                f"{self.max_message_size} bytes"
-                + ("; use a ws:// (TCP) URI for large messages" if self.protocol == "udp" else "")
+                f"a message of {len(payload)} bytes exceeds this endpoint's max_message_size "
+                f"({self._max_size} bytes, {TAG_ROOM} of them kept for the tag)"
             )
         return payload
 

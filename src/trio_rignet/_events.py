@@ -107,6 +107,23 @@ class Subscription:
             await self._ready.wait()
         return queue.popleft()
 
+    def receive_nowait(self) -> Message:
+        """The next buffered message, without waiting.
+
+        Raises:
+            anyio.WouldBlock: none is buffered.
+            EndpointClosed: none is buffered and the subscription is closed.
+        """
+        if self._queue:
+            return self._queue.popleft()
+        if self.closed:
+            raise EndpointClosed(f"{self._events.name}: endpoint closed while awaiting a message")
+        raise anyio.WouldBlock
+
+    async def receive(self) -> Message:
+        """The next message (as :meth:`get`; the name of AnyIO's receive streams)."""
+        return await self.get()
+
     def __enter__(self) -> Subscription:
         return self
 
@@ -144,6 +161,7 @@ class Events:
         self._tasks = 0
         self._spawn: Callable[..., object] | None = None
         self._full_log = RateLimit()
+        self._cap_log = RateLimit()
 
     def start(self, spawn: Callable[..., object]) -> None:
         """Async callbacks run with ``spawn(func, *args)`` from now on."""
@@ -240,12 +258,14 @@ class Events:
     def _start(self, func: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
         if self._tasks >= MAX_CALLBACK_TASKS or self._spawn is None:
             # A flooding peer must not grow the task count without bound.
-            if self._full_log.ready(anyio.current_time()):
+            if self._cap_log.ready(anyio.current_time()):
                 self.logger.warning(
-                    "[%s] %d async callbacks already running: dropped one for %s",
+                    "[%s] %d async callbacks already running: dropped one for %s "
+                    "(%d dropped lately)",
                     self.name,
                     self._tasks,
                     args[1].event.name,
+                    self._cap_log.take(),
                 )
             if inspect.iscoroutine(args[-1]):
                 args[-1].close()

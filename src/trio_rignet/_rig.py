@@ -242,8 +242,14 @@ class RigService:
             # instead of crashing the rig's task group.
             reply = _completion(msg, result) if self.ack else None
             if reply is not None and len(reply) > endpoint.max_message_size:
+                hint = (
+                    " over UDP; use a ws:// (TCP) URI for large messages"
+                    if endpoint.protocol == "udp"
+                    else ""
+                )
                 raise ValueError(
-                    f"the completion data ({len(reply)} bytes) is too large for this endpoint"
+                    f"the completion ({len(reply)} bytes) is too large for this endpoint "
+                    f"(at most {endpoint.max_message_size} bytes{hint})"
                 )
         except Exception as exc:
             log.error(

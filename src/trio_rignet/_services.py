@@ -475,9 +475,14 @@ class Services(Mapping[str, EchoProtocol]):
         for name, rig in rigs:
             # A plain ValueError before anything is sent, not a failure of some rigs.
             if len(payload) > rig.max_message_size:
+                hint = (
+                    " over UDP; use a ws:// (TCP) URI for large messages"
+                    if rig.protocol == "udp"
+                    else ""
+                )
                 raise ValueError(
                     f"a {event.name} message of {len(payload)} bytes is too large for rig "
-                    f"{name!r} (at most {rig.max_message_size} bytes)"
+                    f"{name!r} (at most {rig.max_message_size} bytes{hint})"
                 )
         timeout = self.timeout or None
 

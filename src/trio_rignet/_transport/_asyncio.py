@@ -17,6 +17,7 @@ import socket
 from typing import Any
 
 import anyio
+import sniffio
 from anyio.abc import TaskGroup, TaskStatus
 
 from .._errors import FramingError, PeerUnavailable
@@ -30,6 +31,7 @@ from ._sockets import (
     bind_udp,
     ip_addr,
     is_unreachable,
+    large_receive_buffer,
     udp_error,
     wire_address,
 )
@@ -38,6 +40,19 @@ from ._tcp import CONNECT_TIMEOUT, Connection, TCPBase
 __all__ = ["TCPTransport", "UDPTransport"]
 
 log = logging.getLogger("trio_rignet.transport")
+
+
+def _mark_asyncio() -> None:
+    """Let AnyIO recognise asyncio in this task's protocol callbacks.
+
+    Protocol callbacks run outside any task, where sniffio (and so AnyIO) cannot
+    tell which library runs the loop unless its context variable says so, as
+    ``anyio.run`` sets it but a plain ``asyncio.run`` does not. Callbacks run in
+    a copy of the context they were registered from, so setting it in the task
+    that opens the transport covers every callback of that transport (and the
+    caller's context is untouched: this task has its own).
+    """
+    sniffio.current_async_library_cvar.set("asyncio")
 
 
 class _Flow:
@@ -106,6 +121,7 @@ class UDPTransport(Transport):
         return self._transport is not None and not self._closed
 
     async def run(self, handler: Handler, *, task_status: TaskStatus[None]) -> None:
+        _mark_asyncio()
         loop = asyncio.get_running_loop()
         self._handler = handler
         protocol = _DatagramProtocol(self, handler)
@@ -126,7 +142,9 @@ class UDPTransport(Transport):
             )
         self._transport = transport
         self.local_address = ip_addr(transport.get_extra_info("sockname"))
-        family = transport.get_extra_info("socket").family
+        raw = transport.get_extra_info("socket")
+        large_receive_buffer(raw)
+        family = raw.family
         flow = protocol.flow
         client = self.role == "client"
 
@@ -306,6 +324,7 @@ class TCPTransport(TCPBase):
         return conn
 
     async def run(self, handler: Handler, *, task_status: TaskStatus[None]) -> None:
+        _mark_asyncio()
         self._handler = handler
         try:
             if self.role == "client":

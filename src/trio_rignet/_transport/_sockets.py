@@ -25,6 +25,7 @@ __all__ = [
     "family_of",
     "ip_addr",
     "is_unreachable",
+    "large_receive_buffer",
     "tcp_client_socket",
     "udp_error",
     "wire_address",
@@ -84,11 +85,25 @@ def _exclusive(sock: socket.socket, stream: bool) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 
 
+UDP_BUFFER = 1 << 20
+"""Receive buffer asked for on UDP sockets: room for a burst while the loop is busy."""
+
+
+def large_receive_buffer(sock: Any) -> None:
+    """Ask for :data:`UDP_BUFFER` bytes of receive buffer (the system may grant less)."""
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < UDP_BUFFER:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_BUFFER)
+    except OSError:  # pragma: no cover - a platform without the option
+        pass
+
+
 def bind_udp(host: str, port: int) -> socket.socket:
     """A non-blocking UDP socket bound to ``(host, port)``."""
     sock = socket.socket(family_of(host), socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
+        large_receive_buffer(sock)
         _exclusive(sock, stream=False)
         sock.bind((host, port))
     except BaseException:
@@ -102,6 +117,7 @@ def connect_udp(host: str, port: int) -> socket.socket:
     sock = socket.socket(family_of(host), socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
+        large_receive_buffer(sock)
         sock.connect((host, port))
     except BaseException:
         sock.close()

@@ -1,0 +1,350 @@
+"""The echo core's invariants, over scenarios Hypothesis generates on a simulated network.
+
+Each scenario: 2-4 endpoints (echo cores, and models of iblutil 1.20.0), UDP
+with seeded loss, duplication, reordering and delays of up to several echo
+timeouts, or TCP with messages cut into random chunks; endpoints that pause
+(a stalled process), dual-stack sockets that report IPv4 peers as
+``::ffff:a.b.c.d``, payloads with outer whitespace, identical payloads sent
+again, cancellations. After the run:
+
+1. **No storm**: the run ends (the event heap drains) and the network carried
+   at most a bounded multiple of what the endpoints originated: one message
+   causes a bounded exchange, whatever the delays.
+2. **One dispatch per message** at each end, for every message a core sent
+   (any mode), and no endpoint ever dispatches a message it sent itself.
+3. **Every confirmed send ends exactly once.**
+4. **Progress**: on a network with no loss, no pauses and delays well under
+   the timeout, every confirmed send is confirmed and every message is
+   dispatched exactly once by its receiver.
+5. **Memory**: every table of every core stays within its limit.
+
+The default run generates a few thousand scenarios; ``HYPOTHESIS_PROFILE=fuzz``
+runs many more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tests.simnet import CoreNode, IblutilNode, Net, Node, Sim, identity
+
+from trio_rignet._core import Outcome
+
+PAYLOADS = [
+    b"[1, null]",
+    b'[2, "2024-01-01_1_mouse", null]',
+    b"[4, null]",
+    b"[1, null]\n",  # whitespace framing: a peer that ends messages with a newline
+    b"  [32, 20] ",
+    b'[64, 10, {"k": [1, 2, "]"]}]',
+]
+TIMEOUTS = [0.2, 1.0]
+
+
+@dataclass
+class Action:
+    at: float
+    actor: int
+    kind: str  # confirmed | post | cancel | pause | restart
+    target: int
+    payload: int
+    timeout: int
+    arg: float
+
+
+@dataclass
+class Scenario:
+    stream: bool
+    kinds: list[str]  # "core", "reliable", "iblutil"
+    dual_stack: list[bool]
+    net: Net
+    actions: list[Action]
+    seed: int
+
+    @property
+    def benign(self) -> bool:
+        net = self.net
+        # An iblutil peer that receives anything while awaiting an echo fails its send
+        # and closes (its protocol has no way to tell): benign means it only echoes.
+        return (
+            net.loss == 0
+            and net.dup == 0
+            and net.delay_max <= 0.01
+            and not any(a.kind in ("pause", "cancel", "restart") for a in self.actions)
+            and not any(
+                self.kinds[a.actor] == "iblutil" and a.kind == "confirmed" for a in self.actions
+            )
+        )
+
+
+@st.composite
+def scenarios(draw: st.DrawFn, max_actions: int = 12, benign: bool = False) -> Scenario:
+    """A scenario; ``benign``: no loss, duplication, long delays, pauses or cancellations,
+    and iblutil peers only echo."""
+    stream = draw(st.booleans())
+    n_core = draw(st.integers(1, 3))
+    n_ibl = draw(st.integers(0, 2)) if n_core < 4 else 0
+    if n_core + n_ibl < 2:
+        n_core = 2
+    core_kind = st.sampled_from(["core", "reliable"]) if not stream else st.just("core")
+    kinds = [draw(core_kind) for _ in range(n_core)] + ["iblutil"] * n_ibl
+    dual = [draw(st.booleans()) for _ in kinds]
+    delays = st.just(0.002) if benign else st.sampled_from([0.002, 0.3, 2.5])
+    rates = st.just(0.0) if benign else st.sampled_from([0.0, 0.0, 0.1, 0.3])
+    if stream:
+        net = Net(
+            stream=True,
+            delay_min=0.0002,
+            delay_max=draw(delays),
+            max_chunk=draw(st.sampled_from([1, 7, 64])),
+        )
+    else:
+        net = Net(loss=draw(rates), dup=draw(rates), delay_min=0.0002, delay_max=draw(delays))
+    if n_ibl and not stream and net.dup:
+        # An iblutil peer echoes a duplicated echo back; such a ping-pong is cut when
+        # its round trip is shorter than the core's bounce window (rule 5): a LAN.
+        net.delay_max = min(net.delay_max, 0.004)
+    n = len(kinds)
+    actions = draw(
+        st.lists(
+            st.builds(
+                Action,
+                at=st.floats(0, 4, allow_nan=False),
+                actor=st.integers(0, n - 1),
+                kind=st.sampled_from(
+                    ["confirmed", "post"]
+                    if benign
+                    else [
+                        "confirmed",
+                        "confirmed",
+                        "confirmed",
+                        "post",
+                        "cancel",
+                        "pause",
+                        "restart",
+                    ]
+                ),
+                target=st.integers(1, n - 1),
+                payload=st.integers(0, len(PAYLOADS) - 1),
+                timeout=st.integers(0, len(TIMEOUTS) - 1),
+                arg=st.floats(0.1, 3.0, allow_nan=False),
+            ),
+            min_size=1,
+            max_size=max_actions,
+        )
+    )
+    if benign:
+        actions = [a for a in actions if kinds[a.actor] != "iblutil"] or [
+            Action(0.0, 0, "confirmed", 1, 0, 0, 1.0)
+        ]
+    return Scenario(stream, kinds, dual, net, actions, draw(st.integers(0, 2**32 - 1)))
+
+
+def build(sc: Scenario) -> tuple[Sim, list[Node]]:
+    sim = Sim(sc.seed, sc.net)
+    nodes: list[Node] = []
+    for i, kind in enumerate(sc.kinds):
+        addr = (f"10.0.0.{i + 1}", 11001)
+        if kind == "iblutil":
+            node: Node = IblutilNode(f"n{i}", addr, dual_stack=sc.dual_stack[i])
+        else:
+            node = CoreNode(f"n{i}", addr, reliable=kind == "reliable", dual_stack=sc.dual_stack[i])
+        sim.add(node)
+        if isinstance(node, CoreNode):
+            node.start(sc.seed + i)
+        nodes.append(node)
+    return sim, nodes
+
+
+def schedule(sim: Sim, nodes: list[Node], sc: Scenario) -> None:
+    n = len(nodes)
+    for a in sc.actions:
+        actor = nodes[a.actor]
+        target = nodes[(a.actor + a.target) % n]
+        # iblutil addresses a peer as its socket reports it (dual-stack: ::ffff:a.b.c.d);
+        # a core accepts either form.
+        dst = (
+            actor.seen_as(target) if isinstance(actor, IblutilNode) or a.arg > 1.5 else target.addr
+        )
+        payload = PAYLOADS[a.payload]
+        timeout = TIMEOUTS[a.timeout]
+        if a.kind == "pause":
+            sim.at(a.at, lambda actor=actor, s=a.arg: actor.pause(s))
+        elif isinstance(actor, IblutilNode):
+            # Two iblutil peers bounce with each other (their protocol's fault, not
+            # ours): iblutil nodes only talk to cores.
+            if a.kind == "confirmed" and isinstance(target, CoreNode):
+                # iblutil code awaits one confirmed send at a time per peer.
+                sim.at(
+                    a.at,
+                    lambda actor=actor, dst=dst, p=payload, t=timeout: (
+                        None
+                        if dst in actor.awaiting and not actor.awaiting[dst][1]
+                        else actor.confirmed(dst, p.strip(), t)
+                    ),
+                )
+        elif isinstance(actor, CoreNode):
+            if a.kind == "confirmed":
+                sim.at(
+                    a.at,
+                    lambda actor=actor, dst=dst, p=payload, t=timeout: actor.confirmed(dst, p, t),
+                )
+            elif a.kind == "post":
+                sim.at(a.at, lambda actor=actor, dst=dst, p=payload: actor.post(dst, p))
+            elif a.kind == "restart":
+                sim.at(
+                    a.at, lambda actor=actor, seed=sc.seed + a.payload + 100: actor.restart(seed)
+                )
+            else:
+                sim.at(a.at, lambda actor=actor, i=a.target: actor.cancel(i))
+
+
+def check(sim: Sim, nodes: list[Node], sc: Scenario) -> None:
+    log = sim.log
+    # 1. No storm. Each original transmission (and retransmission) reaches a peer at most
+    # twice (duplication), each arrival causes at most one echo, echoes cause nothing
+    # further; a ping-pong with an iblutil peer is cut after `bounce_after` rounds.
+    retransmits = sum(n.c.stats.retransmits for n in nodes if isinstance(n, CoreNode))
+    sent = log.originals + retransmits
+    bound = 3 * sent + 2 * 2 * 33 * sent
+    assert log.transmissions <= bound, (log.transmissions, sent)
+    # 2. One dispatch per message at each end, and never one's own message. (An iblutil
+    # peer dispatches a duplicated echo of its own message: its protocol's fault.)
+    for node in nodes:
+        if not isinstance(node, CoreNode):
+            continue
+        own = log.sent_by.get(node.name, set())
+        for (name, ident), count in log.dispatches.items():
+            if name != node.name:
+                continue
+            assert ident not in own, f"{name} dispatched its own message {ident}"
+            # A core dispatches a message another core sent at most once, in any mode.
+            # (iblutil has no duplicate detection: it dispatches every copy that arrives.)
+            if ident[0] == "tag":
+                assert count == 1, f"{name} dispatched {ident} {count} times"
+    # 3. Every confirmed send ended exactly once (those of restarted instances included).
+    for ident, ends in log.outcomes.items():
+        assert len(ends) == 1, (ident, ends)
+    # 4. Progress on a benign network.
+    if sc.benign:
+        for node in nodes:
+            if isinstance(node, CoreNode):
+                assert all(s.outcome is Outcome.CONFIRMED for s in node.sends), node.sends
+        for node in nodes:
+            for ident in log.sent_by.get(node.name, set()):
+                if ident[0] != "tag":
+                    continue
+                receivers = [k for k, c in log.dispatches.items() if k[1] == ident]
+                assert len(receivers) == 1, (ident, receivers)
+    # 5. Bounded tables.
+    for node in nodes:
+        if isinstance(node, CoreNode):
+            limits = node.c.limits
+            for table, size in node.c.table_sizes().items():
+                cap = {
+                    "windows": limits.sessions,
+                    "recent": limits.recent,
+                    "streaks": 4 * limits.peers,
+                }.get(table, limits.peers)
+                if table != "pending":
+                    assert size <= cap, (table, size)
+                else:
+                    assert size == 0, "a pending send outlived the run"
+
+
+def run(sc: Scenario) -> Sim:
+    sim, nodes = build(sc)
+    schedule(sim, nodes, sc)
+    finished = sim.run(until=10_000.0, max_events=200_000)
+    assert finished, f"storm: over 200,000 events ({sim.log.transmissions} transmissions)"
+    assert not sim._heap, "events still pending at the end of simulated time"
+    check(sim, nodes, sc)
+    return sim
+
+
+# A few thousand scenarios by default; the "fuzz" profile (HYPOTHESIS_PROFILE=fuzz) runs
+# as many as it asks for.
+MANY = max(1500, settings.default.max_examples)
+
+
+@settings(max_examples=MANY, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(scenarios())
+def test_invariants_hold_in_every_scenario(sc: Scenario) -> None:
+    run(sc)
+
+
+@settings(max_examples=MANY // 5, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(scenarios(max_actions=40, benign=True))
+def test_benign_networks_confirm_everything(sc: Scenario) -> None:
+    assert sc.benign
+    run(sc)
+
+
+# ------------------------------------------------------ the cases of issue 11
+
+
+def _pair(stream: bool = False, **net: float) -> tuple[Sim, CoreNode, CoreNode]:
+    sim = Sim(1, Net(stream=stream, **net))
+    a = CoreNode("main", ("10.0.0.1", 11001))
+    b = CoreNode("rig", ("10.0.0.2", 11001))
+    for i, node in enumerate((a, b)):
+        sim.add(node)
+        node.start(i)
+    return sim, a, b
+
+
+def test_late_echo_after_a_long_stall_does_not_bounce() -> None:
+    """The rig stalls for 30 echo timeouts; its echo then arrives and is dropped, once."""
+    for stream in (False, True):
+        sim, main, rig = _pair(stream)
+        rig.pause(30.0)
+        main.confirmed(rig.addr, b"[1, null]", 1.0)
+        assert sim.run(until=1000, max_events=1000)
+        assert [s.outcome for s in main.sends] == [Outcome.TIMED_OUT]
+        assert sim.log.dispatches[("rig", identity(main.sends[0].wire))] == 1
+        assert not [k for k in sim.log.dispatches if k[0] == "main"]
+        assert main.c.stats.late == 1
+        assert sim.log.transmissions == 2  # the signal and its (late) echo, nothing more
+
+
+def test_dual_stack_rig_confirms_its_completion() -> None:
+    """A rig on a dual-stack socket sees the main PC as ::ffff:10.0.0.1 and still matches echoes."""
+    sim = Sim(2, Net())
+    main = sim.add(CoreNode("main", ("10.0.0.1", 11001)))
+    rig = sim.add(CoreNode("rig", ("10.0.0.2", 11001), dual_stack=True))
+    assert isinstance(main, CoreNode)
+    assert isinstance(rig, CoreNode)
+    main.start(1)
+    rig.start(2)
+    main.confirmed(rig.addr, b"[1, null]", 1.0)
+    sim.run(until=1, max_events=100)
+    # The rig answers to the address its socket reported.
+    rig.confirmed(("::ffff:10.0.0.1", 11001), b"[1, null]", 1.0)
+    assert sim.run(until=100, max_events=100)
+    assert [s.outcome for s in main.sends + rig.sends] == [Outcome.CONFIRMED] * 2
+    assert sim.log.transmissions == 4
+
+
+def test_whitespace_framed_payload_matches_its_echo_over_tcp() -> None:
+    sim, main, rig = _pair(stream=True)
+    main.confirmed(rig.addr, b"[1, null]\n", 1.0)
+    assert sim.run(until=100, max_events=100)
+    assert [s.outcome for s in main.sends] == [Outcome.CONFIRMED]
+    assert sim.log.transmissions == 2
+
+
+def test_duplicated_echo_to_an_iblutil_peer_is_cut() -> None:
+    """iblutil takes a duplicated echo for a new message and echoes it: the ping-pong is cut."""
+    sim = Sim(3, Net(dup=1.0))  # every datagram arrives twice
+    main = sim.add(CoreNode("main", ("10.0.0.1", 11001)))
+    rig = sim.add(IblutilNode("rig", ("10.0.0.2", 11001)))
+    assert isinstance(main, CoreNode)
+    assert isinstance(rig, IblutilNode)
+    main.start(1)
+    rig.confirmed(main.addr, b'[1, {"rig": "video"}]', 1.0)
+    assert sim.run(until=1000, max_events=100_000)
+    assert not sim._heap
+    assert main.c.stats.bounces >= 1
+    assert sim.log.transmissions < 2000
