@@ -184,6 +184,8 @@ class Runner:
     def record(self, key: str, result: dict[str, Any], seconds: float) -> None:
         result["seconds"] = round(seconds, 2)
         self.results[key] = result
+        if "cpu" in result:  # a second figure of the same runs, under its own key
+            self.results[f"{key}/cpu"] = {"ok": True, "values": result["cpu"]}
         if self.verbose:
             status = summary(result) if result.get("ok") else f"FAILS: {result.get('error')}"
             print(f"  {key}: {status} ({result['seconds']} s)", file=sys.stderr, flush=True)
@@ -441,8 +443,21 @@ def build_table(results: dict[str, Any], cfg: Config) -> str:
         for rigs, rlabel in (("iblutil", "iblutil rigs"), ("rignet", "RigService rigs")):
             for count in cfg.services_counts:
                 t.row(f"{rlabel}, N = {count}", lib_keys(f"services/{net}/{rigs}/{count}"))
+    t.section(
+        f"Main PC's CPU per rig and signal, Services, UDP, {cfg.relay_ms:g} ms each way "
+        "(µs of `time.process_time()` in the main process; rigs and relay elsewhere; "
+        "lower is better)"
+    )
+    for rigs, rlabel in (("iblutil", "iblutil rigs"), ("rignet", "RigService rigs")):
+        for count in cfg.services_counts:
+            if count >= 32 or count == max(cfg.services_counts):
+                t.row(f"{rlabel}, N = {count}", cpu_keys(f"services/relay/{rigs}/{count}"))
     memory_rows(t, results, cfg)
     return t.text()
+
+
+def cpu_keys(prefix: str) -> list[str]:
+    return [f"{prefix}/{lib}-{backend}/cpu" for lib, backend in LIBS]
 
 
 def growth(res: dict[str, Any]) -> tuple[int, int, int]:

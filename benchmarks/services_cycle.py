@@ -8,7 +8,10 @@ client endpoint per rig and runs cycles of ``init``, ``start``, ``stop``,
 ``cleanup`` over UDP, each awaiting every rig's echo and completion update.
 iblutil's Services run in their default concurrent mode. Each repetition runs
 cycles for at least ``--min-time`` seconds and reports the mean milliseconds
-per cycle. The first failure ends the case: ``{"ok": false, "error": ...}``.
+per cycle (``values``) and this process's CPU time per rig and signal, in µs
+(``cpu``: ``time.process_time()``, so the rigs and the relay, which run in
+other processes, are not counted). The first failure ends the case:
+``{"ok": false, "error": ...}``.
 """
 
 from __future__ import annotations
@@ -25,11 +28,19 @@ from _common import EXP_REF, emit, quiet_logger, repetitions, set_stepped, spawn
 INIT_DATA = {"subject": "mouse1"}
 
 
-async def measure(cycle: Callable[[], Awaitable[None]], reps: int, min_time: float) -> list[float]:
+Measured = tuple[list[float], list[float]]
+
+
+async def measure(
+    cycle: Callable[[], Awaitable[None]], reps: int, min_time: float, rigs: int
+) -> Measured:
+    """Per repetition: ms per cycle, and µs of this process's CPU per rig and signal."""
     await cycle()  # warm-up (and proves every rig answers)
     values = []
+    cpu = []
     for _ in repetitions(reps):
         count = 0
+        c0 = time.process_time()
         t0 = time.perf_counter()
         while True:
             await cycle()
@@ -37,8 +48,10 @@ async def measure(cycle: Callable[[], Awaitable[None]], reps: int, min_time: flo
             elapsed = time.perf_counter() - t0
             if elapsed >= min_time:
                 break
+        used = time.process_time() - c0
         values.append(elapsed / count * 1e3)
-    return values
+        cpu.append(used / (count * 4 * rigs) * 1e6)
+    return values, cpu
 
 
 def check(responses: dict[str, Any], count: int, what: str) -> None:
@@ -46,7 +59,7 @@ def check(responses: dict[str, Any], count: int, what: str) -> None:
         raise RuntimeError(f"{what}: {len(responses)} of {count} rigs answered")
 
 
-async def rignet_main(args: argparse.Namespace, ports: list[int]) -> list[float]:
+async def rignet_main(args: argparse.Namespace, ports: list[int]) -> Measured:
     from trio_rignet import Services
 
     rigs = {f"rig{i}": f"udp://127.0.0.1:{port}" for i, port in enumerate(ports)}
@@ -58,10 +71,10 @@ async def rignet_main(args: argparse.Namespace, ports: list[int]) -> list[float]
             check(await services.stop(), args.count, "stop")
             check(await services.cleanup(), args.count, "cleanup")
 
-        return await measure(cycle, args.reps, args.min_time)
+        return await measure(cycle, args.reps, args.min_time, args.count)
 
 
-async def iblutil_main(args: argparse.Namespace, ports: list[int]) -> list[float]:
+async def iblutil_main(args: argparse.Namespace, ports: list[int]) -> Measured:
     from iblutil.io.net.app import EchoProtocol, Services
 
     log = quiet_logger()
@@ -79,7 +92,7 @@ async def iblutil_main(args: argparse.Namespace, ports: list[int]) -> list[float
             check(await services.stop(), args.count, "stop")
             check(await services.cleanup(), args.count, "cleanup")
 
-        return await measure(cycle, args.reps, args.min_time)
+        return await measure(cycle, args.reps, args.min_time, args.count)
     finally:
         for client in clients:
             client.close()
@@ -120,10 +133,10 @@ def main() -> None:
         if args.lib == "rignet":
             import anyio
 
-            values = anyio.run(rignet_main, args, ports, backend=args.backend)
+            values, cpu = anyio.run(rignet_main, args, ports, backend=args.backend)
         else:
-            values = asyncio.run(iblutil_main(args, ports))
-        emit({"ok": True, "values": values})
+            values, cpu = asyncio.run(iblutil_main(args, ports))
+        emit({"ok": True, "values": values, "cpu": cpu})
     except Exception as exc:
         emit({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
     finally:

@@ -137,13 +137,16 @@ class Sim:
         key = (src.addr, dst.addr)
         t = max(self._pipe_time.get(key, 0.0), self.now)
         whole = isinstance(dst, IblutilNode)  # it cannot frame: pacing gives it whole messages
+        # A connection lives as long as both processes: a restart at either end drops
+        # what was in flight (a reset connection), and the next bytes start a new one.
+        conn = (src.generation, dst.generation)
         pos = 0
         while pos < len(data):
             n = len(data) if whole else self.rng.randint(1, self.net.max_chunk)
             chunk = data[pos : pos + n]
             pos += n
             t += self.rng.uniform(self.net.delay_min, self.net.delay_max) / 4
-            self.at(t, lambda chunk=chunk: dst.arrive(chunk, src))
+            self.at(t, lambda chunk=chunk: dst.arrive_on(conn, chunk, src))
         self._pipe_time[key] = t
 
 
@@ -158,8 +161,9 @@ class Node:
         self.dual_stack = dual_stack
         self.paused_until = 0.0
         self.dead = False
-        self._decoders: dict[Address, StreamDecoder] = {}
+        self._decoders: dict[tuple[Address, int], StreamDecoder] = {}
         self._deferred: list[Callable[[], None]] = []  # what a pause held back, in order
+        self.generation = 0  # restarts so far
 
     def seen_as(self, src: Node) -> Address:
         """How this node's socket reports ``src``'s address."""
@@ -192,13 +196,22 @@ class Node:
         self.paused_until = max(self.paused_until, self.sim.now + seconds)
 
     def arrive(self, data: bytes, src: Node) -> None:
+        """A datagram from ``src``."""
         if self.dead or self.later(lambda: self.arrive(data, src)):
             return
         self.sim.log.deliveries += 1
-        if not self.sim.net.stream:
-            self.receive(data, self.seen_as(src))
+        self.receive(data, self.seen_as(src))
+
+    def arrive_on(self, conn: tuple[int, int], data: bytes, src: Node) -> None:
+        """A chunk of the TCP connection ``conn`` (the two ends' generations) from ``src``."""
+        if self.dead or self.later(lambda: self.arrive_on(conn, data, src)):
             return
-        decoder = self._decoders.setdefault(src.addr, StreamDecoder())
+        if conn[1] != self.generation:
+            return  # sent to a previous instance of this node: that connection is gone
+        self.sim.log.deliveries += 1
+        decoder = self._decoders.get((src.addr, conn[0]))
+        if decoder is None:
+            decoder = self._decoders[(src.addr, conn[0])] = StreamDecoder()
         for raw in decoder.feed(data):
             self.receive(raw, self.seen_as(src))
 
@@ -243,6 +256,7 @@ class CoreNode(Node):
             self._ended(send)
         self.sends = []
         self.name += "'"
+        self.generation += 1
         self._decoders.clear()
         self.start(session_seed)
 
@@ -325,9 +339,9 @@ class IblutilNode(Node):
         self.awaiting: dict[Address, tuple[bytes, list[str]]] = {}
         self.results: list[str] = []
 
-    def arrive(self, data: bytes, src: Node) -> None:
+    def arrive_on(self, conn: tuple[int, int], data: bytes, src: Node) -> None:
         # iblutil gets whole messages (no decoder): see the class docstring.
-        if self.dead or self.later(lambda: self.arrive(data, src)):
+        if self.dead or self.later(lambda: self.arrive_on(conn, data, src)):
             return
         self.sim.log.deliveries += 1
         self.receive(data, self.seen_as(src))
