@@ -19,8 +19,8 @@ import tracemalloc
 
 import anyio
 import pytest
-
 from tests.helpers import FakeAlyx
+
 from trio_rignet import EchoProtocol, PeerNotAllowed, RigService, Services
 from trio_rignet._tag import Tagger
 
@@ -195,7 +195,10 @@ async def test_a_peer_that_talked_still_gets_a_token_after_a_flood_of_strangers(
         async with EchoProtocol.server("udp://127.0.0.1:0") as main:
             addr = main.local_address
             await anyio.to_thread.run_sync(_strangers, addr, 0, 5_000)
-            async with EchoProtocol.client(main.uri_of(addr)) as rig, rig.subscribe("alyx") as tokens:
+            async with (
+                EchoProtocol.client(main.uri_of(addr)) as rig,
+                rig.subscribe("alyx") as tokens,
+            ):
                 await rig.status("CONNECTED")  # the rig talks after the flood: known
                 await main.alyx(FakeAlyx(), addr=rig.local_address)
                 assert (await tokens.__anext__()).data[1] == {FakeAlyx.user: FakeAlyx._token}
