@@ -303,7 +303,11 @@ class TCPTransport(TCPBase):
             transport.write(data)
             return len(data)
 
-        outbox = Outbox(write, flow.wait, limit=self.config.out_limit, pace=self.config.pace)
+        # Pause as soon as anything is buffered (high water 0): then at most one
+        # message is inside asyncio's buffer, and a send cancelled while part of it
+        # is still there can be told apart (and its connection closed), as on Trio.
+        transport.set_write_buffer_limits(high=0, low=0)
+        outbox = self._outbox(write, flow.wait, lambda: flow.paused)
         conn = Connection(
             ip_addr(transport.get_extra_info("peername")),
             StreamDecoder(self.config.max_message_size),
@@ -394,7 +398,8 @@ class TCPTransport(TCPBase):
     async def _write(self, conn: Connection) -> None:
         try:
             await conn.outbox.run()
-        except (
-            OSError
-        ) as exc:  # pragma: no cover - asyncio transports report errors via connection_lost
+        except TimeoutError as exc:
+            conn.close(f"was disconnected: {exc} (it is not reading)")
+            log.warning("TCP peer %s %s", conn.peer, conn.reason)
+        except OSError as exc:  # pragma: no cover - asyncio reports errors via connection_lost
             conn.close(f"connection lost ({exc})")

@@ -9,8 +9,12 @@ wait on a write):
   Nobody but the writer task waits on the socket, so two senders never
   contend for it.
 - Putting never blocks, so the receive loop can echo without waiting.
-  Confirmed senders first wait for room (:meth:`Outbox.wait_room`), so the
-  queue is bounded; echoes beyond the bound are the caller's to drop.
+  Confirmed senders first wait for room (:meth:`Outbox.wait_room`, below
+  ``limit``); echoes may go beyond it, up to ``cap`` (they must not wait, or
+  two endpoints writing to each other would deadlock): past ``cap`` the peer
+  is not reading, and the transport drops the echo (UDP) or the connection.
+- A stream that makes no progress for ``stall`` seconds while messages wait
+  fails (``TimeoutError``): the peer stopped reading.
 - A queued message whose sender gives up is withdrawn. A message the sender
   gave up on after part of it reached the socket cannot be withdrawn without
   corrupting the stream: :meth:`Outbox.abandon` says so, and the transport
@@ -59,10 +63,16 @@ class Outbox:
         wait_writable: waits until the socket may accept more.
         limit: queued bytes beyond which :meth:`wait_room` waits and
             :attr:`full` is true.
+        cap: queued bytes beyond which even echoes do not fit (:meth:`fits`).
+        stall: seconds without progress after which :meth:`run` raises
+            ``TimeoutError`` (None: wait forever).
         pace: seconds to hold the next message after each write (0: none).
         datagrams: UDP: a failed write drops that datagram (reported to
             ``on_error``) instead of failing the outbox.
         on_error: called with ``(addr, exc)`` when a queued datagram fails.
+        unflushed: true while the last message written is not wholly out yet
+            (asyncio: the transport still buffers part of it); None: writes
+            go straight to the socket.
 
     ``conn`` is free for the transport (the connection this outbox belongs to).
     """
@@ -71,13 +81,17 @@ class Outbox:
         "_awaiting",
         "_entries",
         "_hold_until",
+        "_last",
+        "_unflushed",
         "_room",
         "_wait_writable",
         "_wake",
         "_write",
+        "cap",
         "conn",
         "datagrams",
         "limit",
+        "stall",
         "on_error",
         "pace",
         "queued",
@@ -89,13 +103,20 @@ class Outbox:
         wait_writable: Callable[[], Awaitable[object]],
         *,
         limit: int,
+        cap: int | None = None,
+        stall: float | None = None,
         pace: float = 0.0,
         datagrams: bool = False,
         on_error: Callable[[Address | None, OSError], None] | None = None,
+        unflushed: Callable[[], bool] | None = None,
     ) -> None:
         self._write = write
+        self._unflushed = unflushed
+        self._last: Any = None  # the owner of the last message written whole
         self._wait_writable = wait_writable
         self.limit = limit
+        self.cap = limit if cap is None else cap
+        self.stall = stall
         self.pace = pace
         self.datagrams = datagrams
         self.on_error = on_error
@@ -112,19 +133,21 @@ class Outbox:
         """True when as many bytes are queued as the limit allows."""
         return self.queued >= self.limit
 
+    def fits(self, size: int) -> bool:
+        """True if ``size`` more bytes stay within the cap."""
+        return self.queued + size <= self.cap
+
     def put(self, data: bytes, addr: Address | None = None, owner: Any = None) -> None:
         """Write ``data`` now if possible, else queue it; never blocks.
 
         ``owner`` (a confirmed send) gets ``owner.handle`` set to the queued
-        entry, or None once written. Raises the socket's OSError if the
-        immediate write fails.
+        entry, then to this outbox once written. Raises the socket's OSError
+        if the immediate write fails.
         """
         entries = self._entries
         if not entries and anyio.current_time() >= self._hold_until:
             n = self._write(data, addr)
             if n == len(data):
-                if owner is not None:
-                    owner.handle = None
                 self._written(owner)
                 return
             entry = _Entry(self, memoryview(data)[n:] if n else data, addr, owner, n > 0)
@@ -137,6 +160,9 @@ class Outbox:
         self._wake.set()
 
     def _written(self, owner: Any) -> None:
+        self._last = owner
+        if owner is not None:
+            owner.handle = self
         if self.pace:
             self._hold_until = anyio.current_time() + self.pace
             self._awaiting = owner
@@ -153,9 +179,12 @@ class Outbox:
 
     @staticmethod
     def of(owner: Any) -> Outbox | None:
-        """The outbox holding ``owner``'s queued message, if any."""
-        entry = owner.handle
-        return None if entry is None else entry.box
+        """The outbox that holds or wrote ``owner``'s message, if any."""
+        handle = owner.handle
+        if handle is None or isinstance(handle, Outbox):
+            return handle
+        assert isinstance(handle, _Entry)
+        return handle.box
 
     def abandon(self, owner: Any) -> bool:
         """``owner`` stopped waiting: withdraw its message if none of it was written.
@@ -165,6 +194,8 @@ class Outbox:
         """
         entry = owner.handle
         owner.handle = None
+        if entry is self:  # written: still partly buffered above the socket?
+            return owner is self._last and self._unflushed is not None and self._unflushed()
         if entry is None or entry.dead:
             return False
         if entry.started:
@@ -215,7 +246,15 @@ class Outbox:
                 with anyio.CancelScope(deadline=hold):
                     await self._wake.wait()
                 continue
-            await self._wait_writable()
+            if self.stall is None:
+                await self._wait_writable()
+            else:
+                with anyio.move_on_after(self.stall) as scope:
+                    await self._wait_writable()
+                if scope.cancelled_caught:
+                    raise TimeoutError(
+                        f"{self.queued} bytes could not be written for {self.stall:g} s"
+                    )
             entry = entries[0]
             if entry.dead:
                 continue
@@ -227,7 +266,7 @@ class Outbox:
                 entries.popleft()
                 self._dequeued(len(entry.data))
                 if entry.owner is not None:
-                    entry.owner.handle = None
+                    entry.owner.handle = None  # failed: nothing to withdraw
                 if self.on_error is not None:
                     self.on_error(entry.addr, exc)
                 continue
@@ -240,6 +279,4 @@ class Outbox:
                 continue
             entries.popleft()
             self._dequeued(n)
-            if entry.owner is not None:
-                entry.owner.handle = None
             self._written(entry.owner)

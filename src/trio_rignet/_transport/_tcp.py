@@ -6,8 +6,9 @@ Bounds (so that no peer can make an endpoint refuse real rigs or hold memory):
   (at most ``max_message_size`` buffered) and has its own bounded outbox.
 - A peer that sends part of a message and then nothing for
   ``read_timeout`` seconds is disconnected.
-- A peer whose outbox stays full (it does not read what we send) is
-  disconnected when an echo to it no longer fits.
+- A peer that does not read what we send is disconnected when an echo to it
+  no longer fits its outbox's cap, or when nothing could be written to it
+  for ``read_timeout`` seconds while messages wait.
 - At ``max_connections``, a new connection evicts an idle one: first those
   that never sent a whole message (oldest first), then the one idle longest.
   Only if every connection is busy is the new one refused.
@@ -192,6 +193,21 @@ class TCPBase(Transport):
         """When a half-received message times out (``inf`` if none is pending)."""
         return conn.last_active + self.config.read_timeout if conn.decoder.buffered else math.inf
 
+    def _outbox(self, write: Any, wait_writable: Any, unflushed: Any = None) -> Outbox:
+        """The outbox of a new connection, with this transport's bounds."""
+        config = self.config
+        return Outbox(
+            write,
+            wait_writable,
+            unflushed=unflushed,
+            limit=config.out_limit,
+            # Echoes may exceed the limit (they cannot wait): room for several
+            # of the largest messages before the peer counts as not reading.
+            cap=config.out_limit + 8 * config.max_message_size,
+            stall=config.read_timeout,
+            pace=config.pace,
+        )
+
     def _stalled(self, conn: Connection) -> None:
         """``conn`` sent part of a message and then nothing for ``read_timeout``."""
         conn.close(
@@ -215,7 +231,7 @@ class TCPBase(Transport):
     def transmit(self, data: bytes, addr: Address, owner: Any = None) -> bool:
         conn = self._conn(addr)
         outbox = conn.outbox
-        if owner is None and outbox.full:
+        if owner is None and not outbox.fits(len(data)):
             conn.close(
                 f"was disconnected: {outbox.queued} bytes were waiting to be written to it "
                 "(it is not reading)"

@@ -111,7 +111,7 @@ class UDPTransport(Transport):
                     break
                 except OSError as exc:
                     if is_unreachable(exc):
-                        self._unreachable()
+                        self._error(exc)
                         continue
                     # Unexpected (e.g. ENOBUFS): log, and pause rather than spin.
                     if self._log.ready(anyio.current_time()):
@@ -120,17 +120,18 @@ class UDPTransport(Transport):
                     break
                 received(data, addr)
 
-    def _unreachable(self) -> None:
-        # A client socket is connected, so the error is about its one peer. A
-        # server socket cannot tell which peer it was about: its sends time out.
-        if self.role == "client" and self._handler is not None:
-            self._handler._peer_lost(self.peer, UNREACHABLE)
+    def _error(self, exc: OSError) -> None:
+        """An error of the socket: ICMP port unreachable, or something to log."""
+        if is_unreachable(exc):
+            # A client socket is connected, so the error is about its one peer. A
+            # server socket cannot tell which peer it was about: its sends time out.
+            if self.role == "client" and self._handler is not None:
+                self._handler._peer_lost(self.peer, UNREACHABLE)
+        elif self._log.ready(anyio.current_time()):
+            log.warning("UDP error on %s: %s", self.local_address, exc)
 
     def _queued_send_failed(self, addr: Address | None, exc: OSError) -> None:
-        if is_unreachable(exc):
-            self._unreachable()
-        elif self._log.ready(anyio.current_time()):
-            log.warning("UDP send to %s failed: %s", addr, exc)
+        self._error(exc)
 
     def transmit(self, data: bytes, addr: Address, owner: Any = None) -> bool:
         outbox = self._outbox
@@ -175,11 +176,9 @@ class TCPTransport(TCPBase):
     """A listener and its connections (server), or one connection (client)."""
 
     def _make_conn(self, sock: socket.socket, addr: Address) -> Connection:
-        outbox = Outbox(
+        outbox = self._outbox(
             functools.partial(_send_some, sock),
             functools.partial(trio.lowlevel.wait_writable, sock),
-            limit=self.config.out_limit,
-            pace=self.config.pace,
         )
         conn = Connection(addr, StreamDecoder(self.config.max_message_size), outbox)
         conn.io = sock
@@ -272,6 +271,9 @@ class TCPTransport(TCPBase):
     async def _write(self, conn: Connection) -> None:
         try:
             await conn.outbox.run()
+        except TimeoutError as exc:
+            conn.close(f"was disconnected: {exc} (it is not reading)")
+            log.warning("TCP peer %s %s", conn.peer, conn.reason)
         except OSError as exc:
             conn.close(f"connection lost ({exc})")
 
