@@ -311,8 +311,8 @@ async def test_memory_stays_bounded_under_a_flood() -> None:
         assert sizes["windows"] == cap
         assert sizes["recent"] == cap
         # One entry per peer (the flooder and main), whatever the number of sessions.
-        assert sizes["heard"] == sizes["tagged"] == sizes["keys"] == 2
-        assert sizes["pending"] == sizes["seq"] == sizes["verified"] == 0
+        assert sizes["peers"] == sizes["keys"] == 2
+        assert sizes["pending"] == sizes["verified"] == 0
         assert rig._events._tasks == 0
 
 

@@ -192,11 +192,13 @@ async def test_a_peer_that_talked_still_gets_a_token_after_a_flood_of_strangers(
     evicted, so a real peer that talked after a flood was refused an Alyx token.
     """
     with anyio.fail_after(SAFETY * 3):
-        async with EchoProtocol.server("udp://127.0.0.1:0") as main:
+        # Generous echo timeouts: the main PC works through thousands of strangers'
+        # datagrams queued before the rig's (asyncio reads one per loop turn).
+        async with EchoProtocol.server("udp://127.0.0.1:0", echo_timeout=10) as main:
             addr = main.local_address
             await anyio.to_thread.run_sync(_strangers, addr, 0, 5_000)
             async with (
-                EchoProtocol.client(main.uri_of(addr)) as rig,
+                EchoProtocol.client(main.uri_of(addr), echo_timeout=10) as rig,
                 rig.subscribe("alyx") as tokens,
             ):
                 await rig.status("CONNECTED")  # the rig talks after the flood: known

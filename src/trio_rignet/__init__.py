@@ -7,6 +7,7 @@ private.
 
 from __future__ import annotations
 
+from ._calls import Call, result_of, run_calls
 from ._echo import EchoProtocol, EchoStats, EndpointOptions
 from ._errors import (
     EchoTimeout,
@@ -42,6 +43,7 @@ __all__ = [
     "LISTEN_PORT",
     "PROTOCOL_VERSION",
     "AlyxLike",
+    "Call",
     "Callback",
     "CompletionTimeout",
     "EchoProtocol",
@@ -70,5 +72,7 @@ __all__ = [
     "hostname2ip",
     "is_valid_ip",
     "parse_message",
+    "result_of",
+    "run_calls",
     "validate_uri",
 ]

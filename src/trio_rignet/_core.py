@@ -222,6 +222,18 @@ class _Bounded(Generic[_K, _V]):
         return self._data.pop(key, None)
 
 
+class _Peer:
+    """What the core remembers of one peer (one entry of the peer table)."""
+
+    __slots__ = ("epoch", "heard", "seq", "session")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq  # the last sequence number we used toward this peer
+        self.epoch = 0  # moves on whenever we send it something or it echoes us (rule 5)
+        self.heard = False  # it sent us a message
+        self.session: int | None = None  # the session of its last tagged message
+
+
 class Send:
     """One confirmed send: the bytes on the wire and how it ends.
 
@@ -305,19 +317,18 @@ class EchoCore:
         self.stats = EchoStats()
         # peer -> wire bytes -> sends awaiting that echo, oldest first
         self._pending: dict[Address, dict[bytes, deque[Send]]] = {}
-        self._seq: _Bounded[Address, int] = _Bounded(limits.peers)
+        # Every peer seen or sent to, least recently used first out. Peers that
+        # echoed one of our sends are remembered apart as well, so a flood of
+        # strangers cannot push them out.
+        self._peers: _Bounded[Address, _Peer] = _Bounded(limits.peers)
+        self._verified: _Bounded[Address, bool] = _Bounded(limits.peers)
         # (peer, session) -> [highest seq, bitmap of seen seqs below it]
         self._windows: _Bounded[tuple[Address, int], list[int]] = _Bounded(limits.sessions)
         # (peer, session, seq) -> echoes left for repeats of that message
         self._recent: _Bounded[tuple[Address, int, int], int] = _Bounded(limits.recent)
-        self._heard: _Bounded[Address, bool] = _Bounded(limits.peers)
-        self._verified: _Bounded[Address, bool] = _Bounded(limits.peers)
-        self._tagged: _Bounded[Address, int] = _Bounded(limits.peers)
         self._keys: _Bounded[tuple[Any, ...], Address] = _Bounded(limits.peers)
-        # Rule 5. (peer, hash of an untagged message) -> [epoch, repeats in a row, when];
-        # a peer's epoch moves on whenever we send it something or it echoes us.
+        # Rule 5. (peer, hash of an untagged message) -> [epoch, repeats in a row, when]
         self._streaks: _Bounded[tuple[Address, int], list[Any]] = _Bounded(limits.peers * 4)
-        self._epochs: _Bounded[Address, int] = _Bounded(limits.peers)
         self._srtt = math.nan  # RFC 6298 round-trip estimate, from unretransmitted sends
         self._rttvar = 0.0
 
@@ -335,13 +346,26 @@ class EchoCore:
         """True if ``addr`` passes the allow list (always, without one)."""
         return self.filter is None or self.filter.allows(self.peer_key(addr)[0])
 
+    def _peer(self, peer: Address) -> _Peer:
+        """The state of ``peer``, made the most recent (created if new)."""
+        state = self._peers.get(peer)
+        if state is None:
+            # A random first sequence number: a peer forgotten and met again does
+            # not reuse the numbers its window has already seen.
+            state = _Peer(self._rng.getrandbits(32))
+            self._peers.put(peer, state)
+        else:
+            self._peers.touch(peer, state)
+        return state
+
     def is_trio_peer(self, addr: tuple[Any, ...]) -> bool:
         """True if ``addr`` has sent a tagged message: it runs trio-rignet."""
-        return self.peer_key(addr) in self._tagged
+        return self.peer_session(addr) is not None
 
     def peer_session(self, addr: tuple[Any, ...]) -> int | None:
         """The session of the last tagged message from ``addr`` (None if none)."""
-        return self._tagged.get(self.peer_key(addr))
+        state = self._peers.get(self.peer_key(addr))
+        return None if state is None else state.session
 
     def knows(self, addr: tuple[Any, ...]) -> bool:
         """True if ``addr`` echoed one of our sends or sent us a message lately.
@@ -350,19 +374,12 @@ class EchoCore:
         from, so a flood of strangers cannot make a real peer forgotten.
         """
         peer = self.peer_key(addr)
-        return peer in self._verified or peer in self._heard
+        if peer in self._verified:
+            return True
+        state = self._peers.get(peer)
+        return state is not None and state.heard
 
     # ---------------------------------------------------------------- sending
-
-    def _next_seq(self, peer: Address) -> int:
-        seq = self._seq.get(peer)
-        if seq is None:
-            # A random start: a counter evicted and begun again does not reuse
-            # the numbers a peer's window has already seen.
-            seq = self._rng.getrandbits(32)
-        seq = (seq + 1) & _MASK32
-        self._seq.put(peer, seq)
-        return seq
 
     def originate(
         self, addr: Address, payload: bytes, *, reply_to: int | None = None
@@ -381,8 +398,9 @@ class EchoCore:
                 f"e.g. [1, null]; got {payload[:40]!r}"
             )
         peer = self.peer_key(addr)
-        seq = self._next_seq(peer)
-        self._exchanged(peer)
+        state = self._peer(peer)
+        seq = state.seq = (state.seq + 1) & _MASK32
+        state.epoch += 1  # we sent it something (rule 5)
         return peer, seq, self._tagger.tag(body, seq, reply_to)
 
     def post(self, addr: Address, payload: bytes, *, reply_to: int | None = None) -> bytes:
@@ -541,7 +559,6 @@ class EchoCore:
                     if not waiting:
                         del self._pending[peer]
                 self._confirm(send, now)
-                self._exchanged(peer)
                 return Received.ECHO, send
         tag = read_tag(key)
         if tag is not None:
@@ -553,24 +570,20 @@ class EchoCore:
         except MessageError as exc:
             stats.dropped += 1
             return Received.MALFORMED, str(exc)
-        if tag is None and msg.event and self._bouncing(peer, key, now):
+        state = self._peer(peer)
+        if tag is None and msg.event and self._bouncing(peer, state.epoch, key, now):
             stats.bounces += 1
             return Received.STALE, None
-        self._heard.touch(peer, True)
+        state.heard = True
         return Received.NEW, msg
 
-    def _exchanged(self, peer: Address) -> None:
-        """We sent ``peer`` something, or it echoed us: its repeats so far are no ping-pong."""
-        self._epochs.put(peer, (self._epochs.get(peer) or 0) + 1)
-
-    def _bouncing(self, peer: Address, key: bytes, now: float) -> bool:
+    def _bouncing(self, peer: Address, epoch: int, key: bytes, now: float) -> bool:
         """Rule 5: is this untagged message a hop of an echo ping-pong?
 
         Once a ping-pong is detected, every further copy of those bytes that
         arrives within ``bounce_window`` of the previous one is dropped too
         (duplicated datagrams may have started several in parallel).
         """
-        epoch = self._epochs.get(peer) or 0
         key_ = (peer, hash(key))
         streak = self._streaks.get(key_)
         if streak is None or streak[0] != epoch or now - streak[2] > self.limits.bounce_window:
@@ -599,6 +612,9 @@ class EchoCore:
                 self._rttvar = 0.75 * self._rttvar + 0.25 * abs(srtt - rtt)
                 self._srtt = 0.875 * srtt + 0.125 * rtt
         self._verified.touch(send.peer, True)
+        state = self._peers.get(send.peer)
+        if state is not None:
+            state.epoch += 1  # it echoed us (rule 5)
 
     def _check_tag(self, peer: Address, tag: Tag) -> Received | None:
         """The verdict on a tagged arrival that is not an awaited echo (None: new)."""
@@ -607,7 +623,7 @@ class EchoCore:
         if session == self.session:
             stats.late += 1
             return Received.OWN
-        self._tagged.touch(peer, session)
+        self._peer(peer).session = session
         key = (peer, session)
         window = self._windows.get(key)
         size = self.limits.window
@@ -646,13 +662,10 @@ class EchoCore:
         """Entries in each table (for tests and diagnostics)."""
         return {
             "pending": sum(len(s) for w in self._pending.values() for s in w.values()),
-            "seq": len(self._seq),
+            "peers": len(self._peers),
             "windows": len(self._windows),
             "recent": len(self._recent),
-            "heard": len(self._heard),
             "verified": len(self._verified),
-            "tagged": len(self._tagged),
             "keys": len(self._keys),
             "streaks": len(self._streaks),
-            "epochs": len(self._epochs),
         }

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-import math
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeAlias, TypedDict
@@ -21,14 +20,13 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypedDict
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from ._calls import Call, result_of, run_calls
 from ._core import EchoCore, EchoStats, Outcome, Received, Send
 from ._errors import (
-    CompletionTimeout,
     EchoTimeout,
     EndpointClosed,
     PeerNotAllowed,
     PeerUnavailable,
-    RemoteError,
 )
 from ._events import Callback, EventLike, Events, Subscription, event_codes
 from ._framing import DEFAULT_MAX_MESSAGE_SIZE
@@ -49,7 +47,7 @@ from ._messages import (
     encode,
 )
 from ._ratelimit import RateLimit
-from ._transport import UDP_MAX_PAYLOAD, Address, Role, TransportConfig, open_transport
+from ._transport import UDP_MAX_PAYLOAD, Address, Role, TransportConfig, clock, open_transport
 from ._uri import canonical_address, resolve_uri, split_uri
 
 if TYPE_CHECKING:
@@ -168,6 +166,7 @@ class EchoProtocol:
         self._log = RateLimit()
         self._addresses: dict[Any, Address] = {}
         self._tg: TaskGroup | None = None
+        self._now = anyio.current_time  # the loop's own clock once running (see _run)
         self._closing = False
         self._stopped = anyio.Event()
 
@@ -244,6 +243,7 @@ class EchoProtocol:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                self._now = clock()
                 self._events.start(tg.start_soon)
                 await tg.start(self._transport.run, self)
                 if self._role == "server":
@@ -514,7 +514,7 @@ class EchoProtocol:
     ) -> Send:
         """Send ``payload`` to ``target`` and wait for its echo; the ended send."""
         transport = self._transport
-        start = anyio.current_time()
+        start = self._now()
         deadline = start + timeout
         if not transport.has_room(target):
             with anyio.CancelScope(deadline=deadline):
@@ -525,7 +525,7 @@ class EchoProtocol:
                 raise EchoTimeout(
                     self.name, target, timeout, "the peer is not reading what is sent to it"
                 )
-        now = anyio.current_time()
+        now = self._now()
         send = self._core.open_send(target, payload, now, deadline - now, reply_to=reply_to)
         send.waiter = anyio.Event()
         try:
@@ -555,7 +555,7 @@ class EchoProtocol:
                 await waiter.wait()
             if send.outcome is not Outcome.PENDING:
                 return
-            resend = core.on_timer(send, anyio.current_time())
+            resend = core.on_timer(send, self._now())
             if resend is not None:
                 self._transmit(resend, send.addr)
 
@@ -569,6 +569,32 @@ class EchoProtocol:
                     "[%s] could not send to %s: %s", self.name, self.uri_of(addr), exc
                 )
             return False
+
+    def new_call(
+        self,
+        data: Any,
+        addr: Address | None = None,
+        *,
+        event: EventLike | None = None,
+        echo_timeout: float | None = None,
+        timeout: float | None = 10.0,
+    ) -> Call:
+        """A call of :meth:`call`, to run with others in one task by
+        :func:`~trio_rignet.run_calls` (how :class:`~trio_rignet.Services`
+        signals every rig at once).
+
+        Arguments and the checks made here as for :meth:`call`; nothing is sent
+        until :func:`~trio_rignet.run_calls`.
+        """
+        self._check_open()
+        target = self._target(addr)
+        payload = self._payload(data)
+        code = _event_of(payload) if event is None else int(ExpMessage.validate(event, False))
+        echo = self.default_echo_timeout if echo_timeout is None else _check_timeout(echo_timeout)
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
+        parts = (self._core, self._events, self._transport, self._transmit)
+        return Call(self.name, parts, target, payload, code, echo, timeout)
 
     async def call(
         self,
@@ -594,7 +620,8 @@ class EchoProtocol:
             data: the signal, e.g. ``build_init(...)`` bytes or ``[1, None]``.
             addr: as for :meth:`confirmed_send`.
             event: the signal's event (read from ``data`` if not given).
-            echo_timeout: seconds for the echo (default :attr:`default_echo_timeout`).
+            echo_timeout: seconds for the echo, the write included (default
+                :attr:`default_echo_timeout`).
             timeout: seconds for the completion after the echo (None: no limit).
 
         Raises:
@@ -606,32 +633,9 @@ class EchoProtocol:
         Cancellation: as :meth:`confirmed_send`; the wait for the completion is
         removed, and a completion arriving later is an ordinary message.
         """
-        self._check_open()
-        target = self._target(addr)
-        payload = self._payload(data)
-        code = _event_of(payload) if event is None else int(ExpMessage.validate(event, False))
-        echo = self.default_echo_timeout if echo_timeout is None else _check_timeout(echo_timeout)
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be positive or None, got {timeout!r}")
-        replies = self._events.subscribe((code, 0), target)
-        try:
-            send = await self._confirmed(payload, target, echo)
-            deadline = math.inf if timeout is None else anyio.current_time() + timeout
-            with anyio.CancelScope(deadline=deadline):
-                while True:
-                    msg = await replies.get()
-                    tag = msg.tag
-                    if tag is not None and tag[2] is not None and tag[2] != send.seq:
-                        continue  # the answer to another call
-                    if msg.event:
-                        return msg
-                    text, failed = msg.data
-                    if failed == code:
-                        raise RemoteError(msg.addr, text, ExpMessage(code))
-            assert timeout is not None
-            raise CompletionTimeout(self.name, ExpMessage(code), timeout)
-        finally:
-            replies.close()
+        one = self.new_call(data, addr, event=event, echo_timeout=echo_timeout, timeout=timeout)
+        await run_calls([one])
+        return result_of(one)
 
     async def init(self, data: Any = None, addr: Address | None = None) -> None:
         """Signal EXPINIT ``[1, data]`` and wait for its echo.
@@ -821,7 +825,7 @@ class EchoProtocol:
 
     def _received(self, raw: bytes, addr: Address) -> None:
         """A framed message arrived: do what the core decides."""
-        verdict, detail = self._core.receive(addr, raw, anyio.current_time())
+        verdict, detail = self._core.receive(addr, raw, self._now())
         if verdict is Received.ECHO:
             _wake(detail)
             self._transport.release(addr, detail)

@@ -61,14 +61,21 @@ class Subscription:
     )
 
     def __init__(
-        self, events: Events, codes: tuple[int, ...], addr: tuple[str, int] | None, max_buffer: int
+        self,
+        events: Events,
+        codes: tuple[int, ...],
+        addr: tuple[str, int] | None,
+        max_buffer: int,
+        notify: Any = None,
     ) -> None:
         self._events = events
         self.codes = codes
         self.addr = addr
         self.max_buffer = max_buffer
         self._queue: deque[Message] = deque()
-        self._ready = anyio.Event()
+        # Woken (``.set()``) on every delivery; a caller-given notifier instead of an
+        # Event lets one task watch many subscriptions (then it uses receive_nowait).
+        self._ready: Any = anyio.Event() if notify is None else notify
         self.closed = False
         self.dropped = 0
 
@@ -170,12 +177,20 @@ class Events:
     # ----------------------------------------------------------- subscriptions
 
     def subscribe(
-        self, codes: tuple[int, ...], addr: tuple[str, int] | None = None, max_buffer: int = 1024
+        self,
+        codes: tuple[int, ...],
+        addr: tuple[str, int] | None = None,
+        max_buffer: int = 1024,
+        notify: Any = None,
     ) -> Subscription:
-        """Register a subscription now (pair it with :meth:`Subscription.close`)."""
+        """Register a subscription now (pair it with :meth:`Subscription.close`).
+
+        ``notify`` (anything with ``set()``) is woken on each delivery instead
+        of the subscription's own event; its owner reads with ``receive_nowait``.
+        """
         if max_buffer < 1:
             raise ValueError(f"max_buffer must be at least 1, got {max_buffer}")
-        sub = Subscription(self, codes, addr, max_buffer)
+        sub = Subscription(self, codes, addr, max_buffer, notify)
         for code in codes:
             self._subs.setdefault(code, []).append(sub)
         return sub

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import anyio
 from anyio.abc import TaskStatus
 
+from ._calls import run_calls
 from ._echo import EchoProtocol, EndpointOptions, StatusLike
 from ._errors import CompletionTimeout, PeerUnavailable, RignetError
 from ._events import Callback, EventLike
@@ -485,13 +486,35 @@ class Services(Mapping[str, EchoProtocol]):
                     f"{name!r} (at most {rig.max_message_size} bytes{hint})"
                 )
         timeout = self.timeout or None
+        if not concurrent:
 
-        async def one(name: str, rig: EchoProtocol) -> Any:
-            msg = await rig.call(payload, event=event, timeout=timeout)
-            self._states[name].last_rtt = rig.stats.rtt_last
-            return msg.data
+            async def one(name: str, rig: EchoProtocol) -> Any:
+                msg = await rig.call(payload, event=event, timeout=timeout)
+                self._states[name].last_rtt = rig.stats.rtt_last
+                return msg.data
 
-        return await self._for_each(event, rigs, one, concurrent)
+            return await self._for_each(event, rigs, one, concurrent)
+        # Every rig at once, in this task (no task per rig): see run_calls.
+        responses: dict[str, Any] = {}
+        failures: dict[str, BaseException] = {}
+        calls = {}
+        for name, rig in rigs:
+            try:
+                calls[name] = rig.new_call(payload, event=event, timeout=timeout)
+            except RignetError as exc:  # a closed endpoint
+                failures[name] = self._states[name].last_error = exc
+        await run_calls(list(calls.values()))
+        for name, call in calls.items():
+            state = self._states[name]
+            result = call.result
+            if isinstance(result, BaseException):
+                failures[name] = state.last_error = result
+            else:
+                assert result is not None
+                responses[name] = result.data
+                state.last_error = None
+                state.last_rtt = self._rigs[name].stats.rtt_last
+        return self._outcome(event, responses, failures)
 
     async def _for_each(
         self,
@@ -520,6 +543,12 @@ class Services(Mapping[str, EchoProtocol]):
         else:
             for name, rig in rigs:
                 await one(name, rig)
+        return self._outcome(event, responses, failures)
+
+    def _outcome(
+        self, event: ExpMessage, responses: dict[str, Any], failures: dict[str, BaseException]
+    ) -> dict[str, Any]:
+        """Responses in rig order, or ServicesError if a rig failed."""
         ordered = {name: responses[name] for name in self._rigs if name in responses}
         if failures:
             raise ServicesError(event, ordered, failures)

@@ -19,8 +19,10 @@ whatever it sends is queued (:class:`~._outbox.Outbox`).
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -163,6 +165,19 @@ def _running_trio() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def clock() -> Callable[[], float]:
+    """The running event loop's clock, looked up once.
+
+    The same time as ``anyio.current_time()``, which looks the backend up on
+    every call: the hot paths keep this function instead.
+    """
+    if _running_trio():
+        import trio
+
+        return trio.current_time
+    return asyncio.get_running_loop().time
 
 
 def open_transport(

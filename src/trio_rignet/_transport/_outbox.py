@@ -82,8 +82,8 @@ class Outbox:
         "_entries",
         "_hold_until",
         "_last",
-        "_unflushed",
         "_room",
+        "_unflushed",
         "_wait_writable",
         "_wake",
         "_write",
@@ -91,10 +91,10 @@ class Outbox:
         "conn",
         "datagrams",
         "limit",
-        "stall",
         "on_error",
         "pace",
         "queued",
+        "stall",
     )
 
     def __init__(
@@ -145,7 +145,8 @@ class Outbox:
         if the immediate write fails.
         """
         entries = self._entries
-        if not entries and anyio.current_time() >= self._hold_until:
+        hold = self._hold_until
+        if not entries and (hold == -math.inf or anyio.current_time() >= hold):
             n = self._write(data, addr)
             if n == len(data):
                 self._written(owner)
