@@ -1,4 +1,4 @@
-"""The ``rignet`` command: ``demo``, ``serve`` and ``send``.
+"""The ``rignet`` command: ``run``, ``demo``, ``serve`` and ``send``.
 
 Most cases run the real command as a subprocess (``python -m trio_rignet``);
 argument errors, ``--help`` and a few sends run ``main([...])`` in-process,
@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -194,6 +194,21 @@ def serve(*args: str) -> Iterator[Serve]:
 def scheme(request: pytest.FixtureRequest) -> str:
     """The transport: UDP, or plain TCP under iblutil's ``ws://`` scheme."""
     return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def three_rigs() -> Iterator[dict[str, Serve]]:
+    """Three ``rignet serve`` rigs (UDP, TCP, UDP), shared by the ``run`` tests."""
+    with ExitStack() as stack:
+        yield {
+            "timeline": stack.enter_context(serve(f"udp://{LOCALHOST}:0", "--name", "timeline")),
+            "video": stack.enter_context(serve(f"ws://{LOCALHOST}:0", "--name", "video")),
+            "ephys": stack.enter_context(serve(f"udp://{LOCALHOST}:0", "--name", "ephys")),
+        }
+
+
+def rig_options(rigs: dict[str, Serve]) -> list[str]:
+    return [arg for name, rig in rigs.items() for arg in ("--rig", f"{name}={rig.uri}")]
 
 
 # ----------------------------------------------------------------------- demo
@@ -389,6 +404,139 @@ def test_serve_on_a_busy_port() -> None:
     assert result.stdout == ""
 
 
+# ------------------------------------------------------------------------ run
+
+
+def assert_run_line(out: str, step: str, name: str, kind: str = "ok") -> str:
+    match = re.search(rf"^{step} +{name} +{kind} +(.*)$", out, re.M)
+    assert match, f"no `{step} {name} {kind}` line in:\n{out}"
+    return match[1]
+
+
+def summary(out: str) -> dict[str, list[str]]:
+    """The summary table: rig -> its cells for init, start, stop, cleanup."""
+    lines = out.splitlines()
+    first = lines.index(next(line for line in lines if re.match(r"rig +init +start", line)))
+    table: dict[str, list[str]] = {}
+    for line in lines[first + 1 :]:
+        name, *cells = re.split(r"  +", line)
+        if not cells:  # the blank line or the outcome after the table
+            break
+        table[name] = cells
+    return table
+
+
+def test_run_three_rigs(three_rigs: dict[str, Serve], tmp_path: Path) -> None:
+    # iblrig's remote_devices.yaml, as yaml.safe_dump writes it (keys sorted).
+    devices = tmp_path / "remote_devices.yaml"
+    devices.write_text(
+        "".join(f"{name}: {three_rigs[name].uri}\n" for name in sorted(three_rigs)),
+        encoding="utf-8",
+    )
+    result = rignet("run", EXP_REF, "--rigs", str(devices), "--duration", "0.05")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    out = result.stdout
+    assert out.startswith(f"Running {EXP_REF} on 3 rigs: ephys (udp://")
+    for name in three_rigs:
+        for step in ("init", "start", "stop", "cleanup"):
+            data = assert_run_line(out, step, name)
+            assert data.endswith(json.dumps({"rig": name, "done": step}) + "]")
+    assert re.search(rf"^running +{EXP_REF} for 0\.05 s", out, re.M)
+    assert summary(out) == {name: ["ok"] * 4 for name in sorted(three_rigs)}
+    assert out.endswith(f"{EXP_REF}: complete on all 3 rigs in {out.split(' in ')[-1]}")
+    for rig in three_rigs.values():
+        for step in ("init", "start", "stop", "cleanup"):
+            rig.expect_line(rf"^{TIMESTAMP} {step} from ")
+
+
+def test_run_toml_and_rig_option(three_rigs: dict[str, Serve], tmp_path: Path) -> None:
+    rigs = tmp_path / "rigs.toml"
+    video = three_rigs["video"].uri
+    rigs.write_text(f'[rigs]\nvideo = "{video}"\nephys = "udp://{LOCALHOST}:9"\n')
+    # --rig replaces the file's ephys; positionals after options; -q: no progress lines.
+    ephys = three_rigs["ephys"].uri
+    result = rignet("run", "--rigs", str(rigs), "--rig", f"ephys={ephys}", "-q", EXP_REF)
+    assert result.returncode == 0, result.stderr
+    assert summary(result.stdout) == {"video": ["ok"] * 4, "ephys": ["ok"] * 4}
+    assert not re.search("^init ", result.stdout, re.M)  # no progress lines
+    assert result.stdout.startswith("rig ")
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_run_with_rigs_down(three_rigs: dict[str, Serve], tmp_path: Path, backend: str) -> None:
+    """A TCP rig and a UDP rig that are down are named; the others run the experiment."""
+    tcp_down = f"ws://{LOCALHOST}:{free_port(socket.SOCK_STREAM)}"
+    udp_down = f"udp://{LOCALHOST}:{free_port(socket.SOCK_DGRAM)}"
+    devices = tmp_path / "remote_devices.yaml"
+    devices.write_text(
+        f"# rigs of this lab\ntimeline: {three_rigs['timeline'].uri}\n"
+        f"'cameras:left': {tcp_down}\nvideo: '{three_rigs['video'].uri}'\nneuropixel: {udp_down}\n",
+        encoding="utf-8",
+    )
+    result = rignet(
+        "run", EXP_REF, "--rigs", str(devices), "--backend", backend, "--color", "never"
+    )
+    assert result.returncode == 1, result
+    assert result.stderr == ""
+    out = result.stdout
+    assert "cannot connect" in assert_run_line(out, "init", "cameras:left", "down")
+    assert "nothing is listening" in assert_run_line(out, "init", "neuropixel", "down")
+    assert summary(out) == {
+        "timeline": ["ok"] * 4,
+        "cameras:left": ["down", "-", "-", "-"],
+        "video": ["ok"] * 4,
+        "neuropixel": ["down", "-", "-", "-"],
+    }
+    assert re.search(rf"^cameras:left \({re.escape(tcp_down)}\): init: cannot connect", out, re.M)
+    assert re.search(
+        rf"^neuropixel \({re.escape(udp_down)}\): init: nothing is listening", out, re.M
+    )
+    assert out.endswith(f"{EXP_REF}: 2 of 4 rigs completed; failed: cameras:left, neuropixel.\n")
+    assert "Traceback" not in out
+
+
+def test_run_no_rig_reachable() -> None:
+    tcp_down = f"ws://{LOCALHOST}:{free_port(socket.SOCK_STREAM)}"
+    result = rignet("run", EXP_REF, "--rig", f"video={tcp_down}", "--timeout", "2")
+    assert result.returncode == 3, result
+    assert result.stdout.endswith(f"{EXP_REF}: no rig could be reached.\n")
+
+
+def test_run_a_rig_fails_start(three_rigs: dict[str, Serve]) -> None:
+    """The failing rig is named with its error and still gets cleanup; exit 1."""
+    with serve(f"udp://{LOCALHOST}:0", "--name", "cam", "--fail-on", "start") as cam:
+        rigs = {"timeline": three_rigs["timeline"], "cam": cam}
+        result = rignet("run", EXP_REF, *rig_options(rigs))
+        assert result.returncode == 1, result
+        out = result.stdout
+        error = assert_run_line(out, "start", "cam", "error")
+        assert error == (
+            "the rig failed to handle start: RuntimeError: simulated failure of start "
+            "(--fail-on start)"
+        )
+        assert summary(out) == {"timeline": ["ok"] * 4, "cam": ["ok", "error", "-", "ok"]}
+        assert out.endswith(f"{EXP_REF}: 1 of 2 rigs completed; failed: cam.\n")
+
+        # --abort-on-failure: nobody starts... timeline did start: it is stopped, and both clean up.
+        result = rignet("run", EXP_REF, *rig_options(rigs), "--abort-on-failure", "--duration", "5")
+        assert result.returncode == 1, result
+        assert summary(result.stdout) == {
+            "timeline": ["ok", "ok", "ok", "ok"],
+            "cam": ["ok", "error", "-", "ok"],
+        }
+        assert "running " not in result.stdout  # the 5 s between start and stop were skipped
+
+
+def test_run_colour(three_rigs: dict[str, Serve]) -> None:
+    rigs = {"timeline": three_rigs["timeline"]}
+    result = rignet("run", EXP_REF, *rig_options(rigs), "--color", "always")
+    assert result.returncode == 0
+    assert "\x1b[32mok" in result.stdout
+    result = rignet("run", EXP_REF, *rig_options(rigs))  # a pipe: no colour
+    assert "\x1b[" not in result.stdout
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
 @pytest.mark.parametrize("no_color", [False, True])
 def test_colour_on_a_terminal(no_color: bool) -> None:
@@ -427,6 +575,34 @@ def test_colour_on_a_terminal(no_color: bool) -> None:
     assert proc.returncode == 1
     assert b"rignet: " in output
     assert (b"\x1b[" in output) is not no_color
+
+
+@POSIX_SIGNALS
+def test_run_interrupted_while_running_sends_interrupt(three_rigs: dict[str, Serve]) -> None:
+    """Ctrl-C while the rigs record: they are sent interrupt; one line; exit 130."""
+    rigs = {"video": three_rigs["video"], "ephys": three_rigs["ephys"]}
+    with subprocess.Popen(
+        command("run", EXP_REF, *rig_options(rigs), "--duration", "60"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith("running "):
+                    break
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 130, err
+    assert err == (
+        "rignet: interrupted (SIGINT) while the rigs were running; sent interrupt to video, ephys\n"
+    )
+    for rig in rigs.values():
+        rig.expect_line(rf"^{TIMESTAMP} interrupt from ")
 
 
 # ------------------------------------------------------------------- Ctrl-C
@@ -494,6 +670,13 @@ def test_demo_interrupted_at_random(backend: str) -> None:
 
 
 @POSIX_SIGNALS
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_run_interrupted_at_random(three_rigs: dict[str, Serve], backend: str) -> None:
+    args = ["run", EXP_REF, *rig_options(three_rigs), "--backend", backend, "--duration", "0.05"]
+    check_interruptions(args, "complete on all 3 rigs")
+
+
+@POSIX_SIGNALS
 def test_sigterm_demo() -> None:
     """SIGTERM: one line, exit 143 (128 + 15), or 0 if the demo had finished."""
     status, out, err, _ = interrupt_at_random(["demo"], signal.SIGTERM, random.Random(0), 0)
@@ -503,6 +686,32 @@ def test_sigterm_demo() -> None:
         return
     assert status == 143, err
     assert re.fullmatch(r"rignet: interrupted \(SIGTERM\)\n", err), err
+
+
+@POSIX_SIGNALS
+def test_sigterm_run(three_rigs: dict[str, Serve]) -> None:
+    rigs = {"timeline": three_rigs["timeline"]}
+    with subprocess.Popen(
+        command("run", EXP_REF, *rig_options(rigs), "--duration", "60", "--backend", "asyncio"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith("running "):
+                    break
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 143, err
+    assert err == (
+        "rignet: interrupted (SIGTERM) while the rigs were running; sent interrupt to timeline\n"
+    )
+    rigs["timeline"].expect_line(rf"^{TIMESTAMP} interrupt from ")
 
 
 # ------------------------------------------------------------ argument errors
@@ -574,6 +783,14 @@ def test_send_unknown_status(capsys: pytest.CaptureFixture[str]) -> None:
         (["-v", "demo", "-q"], "-v and -q cannot be combined"),
         (["serve", "udp://127.0.0.1:0", "--fail-on", "nope"], "unknown event 'nope'; choose"),
         (["serve", "udp://127.0.0.1:0", "--fail-on", "init|start"], "--fail-on"),
+        (["run", EXP_REF], "no rigs: pass --rigs FILE"),
+        (["run", EXP_REF, "--rig", "video"], "expected NAME=URI"),
+        (["run", EXP_REF, "--rig", "video=bogus://x"], "rig 'video': Unsupported scheme"),
+        (["run", EXP_REF, "--rig", "video=udp://10.0.0.1:99999"], "Invalid port number"),
+        (["run", EXP_REF, "--rigs", "/nonexistent/rigs.yaml"], "cannot read rigs file"),
+        (["run", EXP_REF, "--rig", "v=udp://127.0.0.1:9", "--duration", "-1"], "0 or more"),
+        (["run", EXP_REF, "--rig", "v=udp://127.0.0.1:9", "--init-data", "{"], "invalid JSON"),
+        (["run", "--rig", "v=udp://127.0.0.1:9"], "required: EXP_REF"),
         (["demo", "--log-file", "/nonexistent/dir/rignet.log"], "cannot open the log file"),
         ([], "the following arguments are required: COMMAND"),
     ],
@@ -584,7 +801,27 @@ def test_other_argument_errors(
     assert expected in usage_error(argv, capsys)
 
 
-@pytest.mark.parametrize("command_args", [[], ["demo"], ["serve"], ["send"]])
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("rigs.yaml", "video:\n  uri: udp://10.0.0.2\n", "line 1: rig 'video' has no URI"),
+        ("rigs.yaml", "- udp://10.0.0.2\n", "line 1: a YAML list is not a rig list"),
+        ("rigs.toml", "[rig]\nvideo = 'udp://x'\n", "unknown key(s) 'rig'"),
+        ("rigs.json", "{}", "name it .yaml"),
+        ("rigs.yaml", "{}\n", "lists no rigs"),
+    ],
+)
+def test_bad_rigs_file(
+    name: str, text: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    err = usage_error(["run", EXP_REF, "--rigs", str(path)], capsys)
+    assert "rignet run: error: " in err
+    assert expected in err
+
+
+@pytest.mark.parametrize("command_args", [[], ["run"], ["demo"], ["serve"], ["send"]])
 def test_version(command_args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([*command_args, "--version"])
@@ -598,7 +835,7 @@ def test_version_subprocess() -> None:
     assert result.stdout.startswith(f"rignet {__version__} ")
 
 
-@pytest.mark.parametrize("command_args", [[], ["demo"], ["serve"], ["send"]])
+@pytest.mark.parametrize("command_args", [[], ["run"], ["demo"], ["serve"], ["send"]])
 def test_help(command_args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([*command_args, "--help"])
@@ -608,7 +845,7 @@ def test_help(command_args: list[str], capsys: pytest.CaptureFixture[str]) -> No
     assert out.startswith(f"usage: rignet {' '.join(command_args)}".rstrip())
     assert "--log-file FILE" in out
     if not command_args:
-        for sub in ("demo", "serve", "send"):
+        for sub in ("run", "demo", "serve", "send"):
             assert sub in out
 
 

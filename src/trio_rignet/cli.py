@@ -1,8 +1,11 @@
-"""The ``rignet`` command: a demo experiment, a rig simulator and a one-shot sender.
+"""The ``rignet`` command: run an experiment on real rigs, simulate rigs, send one signal.
 
-``rignet demo`` runs a whole experiment against simulated rigs in this process;
-``rignet serve URI`` runs one simulated auxiliary rig; ``rignet send URI EVENT``
-sends one signal. ``python -m trio_rignet`` is the same command.
+``rignet run`` signals init, start, stop and cleanup to the rigs listed in a
+rigs file (iblrig's ``remote_devices.yaml`` or a TOML file) or given with
+``--rig NAME=URI``; ``rignet demo`` runs a whole experiment against simulated
+rigs in this process; ``rignet serve URI`` runs one simulated auxiliary rig;
+``rignet send URI EVENT`` sends one signal. ``python -m trio_rignet`` is the
+same command.
 
 Events have one name everywhere on the command line, in ``serve``'s output and
 in the simulated rigs' completion data: ``init start stop interrupt cleanup
@@ -41,6 +44,7 @@ from ._cli_common import (
 )
 from ._cli_interrupt import Interrupt, signal_name
 from ._cli_rigs import RigsError, check_uri
+from ._cli_run import add_run_parser
 from ._echo import EchoProtocol
 from ._errors import RignetError
 from ._messages import ExpMessage, ExpStatus, Message
@@ -116,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Signal experiment rigs over a LAN (trio-rignet, wire-compatible with "
         "iblutil.io.net).",
         epilog="Run `rignet COMMAND -h` for a command's options. Exit statuses: 0 success, "
-        "1 failure, 2 bad arguments, 130 Ctrl-C, 143 SIGTERM.",
+        "1 failure, 2 bad arguments, 3 (run) no rig reachable, 130 Ctrl-C, 143 SIGTERM.",
     )
     version = f"rignet {__version__} (trio-rignet, Python {sys.version.split()[0]})"
     parser.add_argument("--version", action="version", version=version)
@@ -124,6 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         title="commands", required=True, metavar="COMMAND", parser_class=_CommandParser
     )
+
+    add_run_parser(sub)
 
     demo = sub.add_parser(
         "demo",
