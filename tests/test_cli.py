@@ -21,11 +21,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+import anyio
 import pytest
 
 from trio_rignet import __version__
@@ -865,3 +866,52 @@ def test_verbose_anywhere_and_log_file(tmp_path: Path, capsys: pytest.CaptureFix
     assert "trio_rignet.cli" not in err  # the command's own lines are on stdout only
     text = log.read_text(encoding="utf-8")
     assert re.search(rf"^{TIMESTAMP} INFO trio_rignet\.cli: Experiment \S+ complete", text, re.M)
+
+
+# ------------------------------------------------------- rigs that never connect
+
+
+@pytest.fixture
+def never_connects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Endpoints named ``slow`` never finish connecting (a TCP host that drops SYNs)."""
+    import trio_rignet._cli_run as cli_run
+
+    real_client = cli_run.EchoProtocol.client
+
+    @asynccontextmanager
+    async def hanging(uri: str, **options: Any) -> AsyncIterator[Any]:
+        await anyio.sleep_forever()
+        yield  # pragma: no cover
+
+    def client(uri: str, **options: Any) -> Any:
+        if options.get("name") == "slow":
+            return hanging(uri, **options)
+        return real_client(uri, **options)
+
+    monkeypatch.setattr(cli_run.EchoProtocol, "client", client)
+
+
+@pytest.mark.usefixtures("never_connects")
+def test_run_rig_that_never_connects(capsys: pytest.CaptureFixture[str]) -> None:
+    with serve(f"udp://{LOCALHOST}:0", "--name", "cam") as cam:
+        argv = ["run", EXP_REF, "--rig", f"cam={cam.uri}", "--rig", "slow=ws://10.0.0.2"]
+        assert main([*argv, "--timeout", "0.2"]) == 1
+    out = capsys.readouterr().out
+    assert assert_run_line(out, "init", "slow", "down") == (
+        "no TCP connection within 0.2 s: is the rig on?"
+    )
+    assert summary(out) == {"cam": ["ok"] * 4, "slow": ["down", "-", "-", "-"]}
+
+
+@POSIX_SIGNALS
+@pytest.mark.usefixtures("never_connects")
+def test_ctrl_c_while_a_rig_connects(capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C is not held up by a rig that is still connecting."""
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        status = main(["run", EXP_REF, "--rig", "slow=ws://10.0.0.2", "--timeout", "60"])
+    finally:
+        timer.cancel()
+    assert status == 130
+    assert capsys.readouterr().err == "rignet: interrupted (SIGINT) while connecting to the rigs\n"

@@ -156,6 +156,7 @@ class _Run:
             progress=True,
         )
         began = anyio.current_time()
+        self.interrupt.note = "while connecting to the rigs"
         async with _open_rigs({rig.name: rig.uri for rig in self.rigs}, self.timeout) as opened:
             services, down = opened
             for rig in self.rigs:
