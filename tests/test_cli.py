@@ -438,7 +438,7 @@ def test_run_three_rigs(three_rigs: dict[str, Serve], tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     out = result.stdout
-    assert out.startswith(f"Running {EXP_REF} on 3 rigs: ephys (udp://")
+    assert out.startswith(f"Running {EXP_REF} on 3 rigs: ephys, timeline, video\n")
     for name in three_rigs:
         for step in ("init", "start", "stop", "cleanup"):
             data = assert_run_line(out, step, name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -40,6 +41,8 @@ from ._messages import Message
 from ._services import Services, ServicesError
 
 __all__ = ["add_run_parser"]
+
+log = logging.getLogger("trio_rignet.run")
 
 
 def add_run_parser(sub: Any) -> argparse.ArgumentParser:
@@ -152,9 +155,11 @@ class _Run:
         ui = self.ui
         ui.line(
             f"Running {self.exp_ref} on {len(self.rigs)} rig{'s' * (len(self.rigs) != 1)}: "
-            + ", ".join(f"{rig.name} ({rig.uri})" for rig in self.rigs),
+            + ", ".join(rig.name for rig in self.rigs),
             progress=True,
         )
+        for rig in self.rigs:
+            log.info("rig %s at %s", rig.name, rig.uri)
         began = anyio.current_time()
         self.interrupt.note = "while connecting to the rigs"
         async with _open_rigs({rig.name: rig.uri for rig in self.rigs}, self.timeout) as opened:
