@@ -396,6 +396,19 @@ def test_send_to_closed_tcp_port(wait: bool) -> None:
     assert result.stdout == ""
 
 
+def test_send_to_a_rig_that_does_not_echo() -> None:
+    """No echo in time: command-line wording, no library advice, no doubled names."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind((LOCALHOST, 0))
+        uri = f"udp://{LOCALHOST}:{silent.getsockname()[1]}"
+        result = rignet("send", uri, "init", "--timeout", "0.3")
+    line = assert_one_line_error(result)
+    assert line == (
+        f"rignet: error: {uri}: no echo within 0.3 s: the rig is off, unreachable, or not "
+        "running its rig software"
+    )
+
+
 def test_serve_on_a_busy_port() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
         busy.bind((LOCALHOST, 0))
@@ -527,6 +540,22 @@ def test_run_a_rig_fails_start(three_rigs: dict[str, Serve]) -> None:
             "cam": ["ok", "error", "-", "ok"],
         }
         assert "running " not in result.stdout  # the 5 s between start and stop were skipped
+
+
+def test_run_timeouts_name_each_rig_once(three_rigs: dict[str, Serve]) -> None:
+    with serve(f"udp://{LOCALHOST}:0", "--name", "cam", "--no-ack") as cam:
+        rigs = {"timeline": three_rigs["timeline"], "cam": cam}
+        result = rignet("run", EXP_REF, *rig_options(rigs), "--timeout", "0.3")
+    assert result.returncode == 1, result
+    out = result.stdout
+    assert assert_run_line(out, "init", "cam", "no reply") == (
+        "confirmed init but sent no completion update within 0.3 s (if the rig needs "
+        "longer, pass a longer --timeout)"
+    )
+    assert f"\ncam ({cam.uri}): init: confirmed init but sent no completion" in out
+    assert "cam: cam" not in out
+    assert "endpoint" not in out
+    assert summary(out) == {"timeline": ["ok"] * 4, "cam": ["no reply", "-", "-", "-"]}
 
 
 def test_run_colour(three_rigs: dict[str, Serve]) -> None:
