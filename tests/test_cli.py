@@ -944,3 +944,27 @@ def test_ctrl_c_while_a_rig_connects(capsys: pytest.CaptureFixture[str]) -> None
         timer.cancel()
     assert status == 130
     assert capsys.readouterr().err == "rignet: interrupted (SIGINT) while connecting to the rigs\n"
+
+
+@POSIX_SIGNALS
+def test_ctrl_c_after_a_send_was_confirmed() -> None:
+    """Ctrl-C while send listens for the completion update: the signal was delivered, exit 0."""
+    with (
+        serve(f"udp://{LOCALHOST}:0", "--no-ack") as rig,
+        subprocess.Popen(
+            command("send", rig.uri, "init"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as proc,
+    ):
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().startswith("echo round trip: ")
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0
+    assert err == ""

@@ -423,22 +423,34 @@ def _cmd_send(args: argparse.Namespace, ui: UI, interrupt: Interrupt) -> int:
         check_uri(args.uri, "bad URI")
     except RigsError as exc:
         parser.error(str(exc).removeprefix("bad URI: "))
+    delivered: list[bool] = []
     try:
         done, status = run_async(
             interrupt,
             args.backend,
-            partial(_send, ui, args.uri, event, args.arg, args.data, args.wait, args.timeout),
+            partial(
+                _send, ui, args.uri, event, args.arg, args.data, args.wait, args.timeout, delivered
+            ),
         )
     except (RignetError, OSError, ValueError) as exc:
         return ui.fail(f"{args.uri}: {describe(exc)[1]}")
     if not done:
-        return ui.interrupted(interrupt)
+        # Interrupted while listening for the completion update after a confirmed
+        # send without --wait: the work was done.
+        return 0 if delivered else ui.interrupted(interrupt)
     assert status is not None
     return status
 
 
 async def _send(
-    ui: UI, uri: str, event: str, arg: str | None, data: Any, wait: bool, timeout: float
+    ui: UI,
+    uri: str,
+    event: str,
+    arg: str | None,
+    data: Any,
+    wait: bool,
+    timeout: float,
+    delivered: list[bool],
 ) -> int:
     status: Any = int(arg) if arg is not None and arg.isdigit() else arg
     async with EchoProtocol.client(uri, name=uri, echo_timeout=timeout) as rig:
@@ -476,6 +488,7 @@ async def _send(
         async with rig.subscribe(EVENTS[event]) as replies:
             await sends[event]()
             ui.line(f"echo round trip: {rig.stats.rtt_max * 1000:.2f} ms")
+            delivered.append(True)
             with anyio.move_on_after(min(timeout, _SEND_LINGER)):
                 async for _ in replies:
                     break
