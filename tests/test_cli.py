@@ -968,3 +968,54 @@ def test_ctrl_c_after_a_send_was_confirmed() -> None:
                 proc.kill()
     assert proc.returncode == 0
     assert err == ""
+
+
+CANCEL_WHILE_OPENING = """
+import os, signal, sys
+from contextlib import asynccontextmanager
+import anyio
+import trio_rignet._cli_run as cli_run
+from trio_rignet.cli import main
+
+real_client = cli_run.EchoProtocol.client
+fired = []
+
+@asynccontextmanager
+async def cancelled_as_it_opens(uri, **options):
+    async with real_client(uri, **options) as rig:
+        if not fired:
+            # Ctrl-C arrives as the first endpoint opens: the cancellation is in
+            # force before the rig is handed over (task_status.started()).
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.1)
+        yield rig
+
+cli_run.EchoProtocol.client = cancelled_as_it_opens
+uri, backend = sys.argv[1:]
+rigs = ["--rig", "a=" + uri, "--rig", "b=" + uri]
+sys.exit(main(["run", "2024-01-01_1_mouse", *rigs, "--backend", backend]))
+"""
+
+
+@POSIX_SIGNALS
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_ctrl_c_as_a_rig_opens(backend: str) -> None:
+    """Regression: an endpoint opened just as Ctrl-C came was held open, shielded, forever.
+
+    Trio's (and AnyIO's) start() leaves a task that calls started() under a
+    cancelled caller where it is, and waits for it to end; it must not then
+    shield itself. This hung on asyncio; on Trio the same race hung 2 runs in 150
+    when Ctrl-C came within 3 ms of the first line.
+    """
+    with serve(f"udp://{LOCALHOST}:0", "--name", "cam") as cam:
+        result = subprocess.run(
+            [sys.executable, "-c", CANCEL_WHILE_OPENING, cam.uri, backend],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+    assert result.returncode == 130, result
+    assert result.stderr == "rignet: interrupted (SIGINT) while connecting to the rigs\n"

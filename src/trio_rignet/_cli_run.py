@@ -371,10 +371,14 @@ async def _open_rigs(
             try:
                 async with EchoProtocol.client(uri, name=name) as rig:
                     scope.deadline = math.inf
-                    scope.shield = True
                     endpoints[name] = rig
                     started = True
                     task_status.started()
+                    # If Ctrl-C cancelled the opening meanwhile, Trio leaves this
+                    # task in start()'s cancelled nursery, waiting for it to end:
+                    # end here instead of holding the endpoint shielded forever.
+                    await anyio.lowlevel.checkpoint_if_cancelled()
+                    scope.shield = True
                     await closed.wait()
             except (RignetError, OSError, ValueError) as exc:
                 if started:
