@@ -636,7 +636,10 @@ def plot(results: dict[str, Any], cfg: Config, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=False)
+    # Stacked panels, sized for the documentation's text column (about 700 px):
+    # shown at that width, the labels and legends stay readable.
+    plt.rcParams.update({"font.size": 11, "legend.fontsize": 9.5})
+    fig, axes = plt.subplots(2, 1, figsize=(7.5, 10), sharey=False)
     styles = {
         "rignet-trio": ("trio-rignet (Trio)", "tab:blue", "o"),
         "rignet-asyncio": ("trio-rignet (asyncio)", "tab:green", "s"),
@@ -695,17 +698,17 @@ def plot(results: dict[str, Any], cfg: Config, path: Path) -> None:
         ax.set_ylabel("ms per cycle (init, start, stop, cleanup)")
         ax.set_title(f"Services cycle, UDP, {title}")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper left")
+    axes[0].legend(loc="upper left")
     guides = [
         (h, lab)
         for h, lab in zip(*axes[1].get_legend_handles_labels(), strict=True)
         if lab.startswith(("linear", "latency"))
     ]
     if guides:
-        axes[1].legend(*zip(*guides, strict=True), fontsize=7, loc="lower right")
+        axes[1].legend(*zip(*guides, strict=True), loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=130)
     plt.close(fig)
 
 

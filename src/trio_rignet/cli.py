@@ -1,8 +1,15 @@
-"""The ``rignet`` command: a demo experiment, a rig simulator and a one-shot sender.
+"""The ``rignet`` command: run an experiment on real rigs, simulate rigs, send one signal.
 
-``rignet demo`` runs a whole experiment against simulated rigs in this process;
-``rignet serve URI`` runs one simulated auxiliary rig; ``rignet send URI EVENT``
-sends one signal. ``python -m trio_rignet`` is the same command.
+``rignet run`` signals init, start, stop and cleanup to the rigs listed in a
+rigs file (iblrig's ``remote_devices.yaml`` or a TOML file) or given with
+``--rig NAME=URI``; ``rignet demo`` runs a whole experiment against simulated
+rigs in this process; ``rignet serve URI`` runs one simulated auxiliary rig;
+``rignet send URI EVENT`` sends one signal. ``python -m trio_rignet`` is the
+same command.
+
+Events have one name everywhere on the command line, in ``serve``'s output and
+in the simulated rigs' completion data: ``init start stop interrupt cleanup
+status info alyx`` (``stop`` is the protocol's EXPEND).
 """
 
 from __future__ import annotations
@@ -10,14 +17,34 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import logging
-import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TextIO
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import anyio
 
+from . import __version__
+from ._cli_common import (
+    EVENTS,
+    SIGNAL_EVENTS,
+    SIGNALS,
+    UI,
+    addr,
+    backend_option,
+    describe,
+    json_arg,
+    run_async,
+    seconds,
+    setup_logging,
+    timestamp,
+    unless_cancelled,
+    word,
+)
+from ._cli_interrupt import Interrupt, signal_name
+from ._cli_rigs import RigsError, check_uri
+from ._cli_run import add_run_parser
 from ._echo import EchoProtocol
 from ._errors import RignetError
 from ._messages import ExpMessage, ExpStatus, Message
@@ -26,21 +53,65 @@ from ._services import Services, ServicesError
 
 __all__ = ["main"]
 
-_SIGNALS = ("init", "start", "stop", "interrupt", "cleanup", "status", "info")
-# Every event but ALYX, which a simulated rig does not answer (it has no token).
-_SIGNAL_EVENTS = ExpMessage.any() & ~ExpMessage.ALYX
+# ------------------------------------------------------------------ parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``rignet`` command; return its exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    _setup_logging(args.verbose, quiet=args.func is _cmd_send)
-    try:
-        result: int = args.func(parser, args)
-    except KeyboardInterrupt:
-        return 130
-    return result
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: options and positionals in any order.
+
+    ``rignet send URI start --wait 2024-01-01_1_mouse`` works: the parse is
+    ``parse_known_intermixed_args``, which plain argparse cannot use on a parser
+    with subcommands, so each subcommand's parser does it itself.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def _output_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """``-v``, ``-q``, ``--log-file``, ``--color``: accepted before and after the command."""
+    prefix = "" if top else "sub_"
+    group = parser.add_argument_group("output options")
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        dest=prefix + "verbose",
+        default=0 if top else argparse.SUPPRESS,
+        help="log more to stderr: -v info, -vv debug",
+    )
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        dest=prefix + "quiet",
+        default=False if top else argparse.SUPPRESS,
+        help="print only results and errors (no progress lines, no warnings)",
+    )
+    group.add_argument(
+        "--log-file",
+        metavar="FILE",
+        dest=prefix + "log_file",
+        default=None if top else argparse.SUPPRESS,
+        help="also append timestamped log records and progress lines to FILE",
+    )
+    group.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        dest=prefix + "color",
+        default="auto" if top else argparse.SUPPRESS,
+        help="colour the output: auto (default: on a terminal, unless NO_COLOR is set)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,11 +119,17 @@ def _parser() -> argparse.ArgumentParser:
         prog="rignet",
         description="Signal experiment rigs over a LAN (trio-rignet, wire-compatible with "
         "iblutil.io.net).",
+        epilog="Run `rignet COMMAND -h` for a command's options. Exit statuses: 0 success, "
+        "1 failure, 2 bad arguments, 3 (run) no rig reachable, 130 Ctrl-C, 143 SIGTERM.",
     )
-    parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)"
+    version = f"rignet {__version__} (trio-rignet, Python {sys.version.split()[0]})"
+    parser.add_argument("--version", action="version", version=version)
+    _output_options(parser, top=True)
+    sub = parser.add_subparsers(
+        title="commands", required=True, metavar="COMMAND", parser_class=_CommandParser
     )
-    sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    add_run_parser(sub)
 
     demo = sub.add_parser(
         "demo",
@@ -66,19 +143,17 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--transport", choices=("udp", "tcp"), default="udp", help="udp (default) or tcp"
     )
-    demo.add_argument(
-        "--backend", choices=("trio", "asyncio"), default="trio", help="event loop (trio)"
-    )
+    backend_option(demo)
     demo.set_defaults(func=_cmd_demo)
 
     serve = sub.add_parser(
         "serve",
         help="run a simulated auxiliary rig until interrupted",
-        description="Listen on URI, log every signal and answer it with a completion update. "
-        "Stop with Ctrl-C.",
+        description="Listen on URI, print every signal with a timestamp and answer it with a "
+        "completion update. Stop with Ctrl-C or SIGTERM.",
     )
     serve.add_argument("uri", help="local address, e.g. udp://0.0.0.0:11001 or ws://127.0.0.1:0")
-    serve.add_argument("--name", help="rig name for logs")
+    serve.add_argument("--name", help="rig name for output and completion data (default: URI)")
     serve.add_argument(
         "--no-ack", action="store_true", help="echo signals but send no completion update"
     )
@@ -90,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="answer this event (e.g. start) with an error report; repeatable",
     )
+    backend_option(serve)
     serve.set_defaults(func=_cmd_serve)
 
     send = sub.add_parser(
@@ -99,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
         "rig's completion data.",
     )
     send.add_argument("uri", help="the rig's address, e.g. udp://10.0.0.2:11001")
-    send.add_argument("event", choices=_SIGNALS, metavar="EVENT", help=" | ".join(_SIGNALS))
+    send.add_argument("event", choices=SIGNALS, metavar="EVENT", help=" | ".join(SIGNALS))
     send.add_argument(
         "arg",
         nargs="?",
@@ -107,12 +183,18 @@ def _parser() -> argparse.ArgumentParser:
         help="experiment reference for start (e.g. 2024-01-01_1_mouse); status name for "
         "status and info (e.g. RUNNING)",
     )
-    send.add_argument("--data", type=_json_arg, default=None, metavar="JSON", help="data to send")
+    send.add_argument("--data", type=json_arg, default=None, metavar="JSON", help="data to send")
     send.add_argument("--wait", action="store_true", help="wait for the rig's completion update")
     send.add_argument(
-        "--timeout", type=_positive_float, default=5.0, metavar="S", help="seconds to wait (5)"
+        "--timeout", type=seconds(), default=5.0, metavar="S", help="seconds to wait (5)"
     )
-    send.set_defaults(func=_cmd_send, subparser=send)
+    backend_option(send)
+    send.set_defaults(func=_cmd_send)
+
+    for command in sub.choices.values():
+        command.add_argument("--version", action="version", version=version)
+        _output_options(command, top=False)
+        command.set_defaults(parser=command)
     return parser
 
 
@@ -126,70 +208,97 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds as a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
-    return value
-
-
-def _json_arg(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(
-            f"invalid JSON ({exc}); quote it for the shell, e.g. --data '{{\"key\": 1}}'"
-        ) from None
-
-
 def _event_arg(text: str) -> ExpMessage:
-    try:
-        return ExpMessage.validate(text, allow_bitwise=False)
-    except (TypeError, ValueError) as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    event = EVENTS.get(text.strip().lower())
+    if event is None:
+        raise argparse.ArgumentTypeError(
+            f"unknown event {text!r}; choose one of {', '.join(SIGNALS)}"
+        )
+    return event
 
 
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    if quiet and not verbose:
-        # `send` reports failures itself, in one line.
-        logging.getLogger("trio_rignet").addHandler(logging.NullHandler())
-        logging.getLogger("trio_rignet").propagate = False
-        return
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+# -------------------------------------------------------------------- main
+
+
+@dataclass
+class _Options:
+    verbose: int
+    quiet: bool
+    log_file: str | None
+    colour: str
+
+
+def _merged_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Options:
+    verbose = args.verbose + getattr(args, "sub_verbose", 0)
+    quiet = args.quiet or getattr(args, "sub_quiet", False)
+    if verbose and quiet:
+        parser.error("-v and -q cannot be combined: choose more or less output")
+    return _Options(
+        verbose=verbose,
+        quiet=quiet,
+        log_file=getattr(args, "sub_log_file", args.log_file),
+        colour=getattr(args, "sub_color", args.color),
     )
 
 
-def _label(event: ExpMessage) -> str:
-    """``"init"`` for EXPINIT, ``"alyx"`` for ALYX."""
-    return str(event.name).lower().removeprefix("exp")
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``rignet`` command; return its exit status.
+
+    Args:
+        argv: the arguments after ``rignet``; ``None`` reads ``sys.argv``.
+
+    Ctrl-C (SIGINT), SIGTERM and, on Windows, Ctrl-Break cancel the command:
+    it prints one line and returns 128 + the signal number (130 for Ctrl-C),
+    or its usual status if its work had already finished. Called with
+    ``argv=None`` (as the ``rignet`` command), these signals are ignored once
+    the work is done, until the process exits; called with a list, the
+    previous signal handlers are restored on return. Bad arguments raise
+    ``SystemExit(2)`` (argparse prints the usage).
+    """
+    interrupt = Interrupt()
+    interrupt.install()
+    try:
+        parser = _parser()
+        args = parser.parse_args(argv)
+        options = _merged_options(parser, args)
+        ui = UI(options.colour, options.quiet)
+        command = args.parser.prog.split()[-1]
+        try:
+            logs = setup_logging(command, options.verbose, options.quiet, options.log_file)
+        except OSError as exc:
+            args.parser.error(f"cannot open the log file {options.log_file!r}: {exc.strerror}")
+        try:
+            status: int = args.func(args, ui, interrupt)
+        finally:
+            logs.close()
+        return status
+    finally:
+        if argv is None:
+            interrupt.ignore_from_now_on()
+        else:
+            interrupt.restore()
 
 
-def _fail(message: str) -> int:
-    print(f"rignet: error: {message}", file=sys.stderr)
-    return 1
+# ------------------------------------------------------------------ demo
 
 
-# ---------------------------------------------------------------------- demo
-
-
-def _cmd_demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    return anyio.run(_demo, args.rigs, args.transport, sys.stdout, backend=args.backend)
+def _cmd_demo(args: argparse.Namespace, ui: UI, interrupt: Interrupt) -> int:
+    done, status = run_async(interrupt, args.backend, partial(_demo, args.rigs, args.transport, ui))
+    if not done:
+        return ui.interrupted(interrupt)
+    assert status is not None
+    return status
 
 
 def _simulated_handler(name: str) -> Callable[[Message], Awaitable[dict[str, Any]]]:
     async def handle(msg: Message) -> dict[str, Any]:
         await anyio.sleep(0.005)  # simulated hardware work
-        return {"rig": name, "done": _label(msg.event)}
+        return {"rig": name, "done": word(msg.event)}
 
     return handle
 
 
-async def _demo(n_rigs: int, transport: str, out: TextIO) -> int:
+async def _demo(n_rigs: int, transport: str, ui: UI) -> int:
     scheme = "udp" if transport == "udp" else "ws"
     names = ["timeline", "video", "ephys", *[f"rig{i}" for i in range(3, n_rigs)]][:n_rigs]
     exp_ref = f"{datetime.date.today().isoformat()}_1_demo_subject"
@@ -197,12 +306,12 @@ async def _demo(n_rigs: int, transport: str, out: TextIO) -> int:
         uris: dict[str, str] = {}
         for name in names:
             rig = RigService(f"{scheme}://127.0.0.1:0", name=name)
-            rig.handle(_SIGNAL_EVENTS)(_simulated_handler(name))
+            rig.handle(SIGNAL_EVENTS)(_simulated_handler(name))
             host, port = await tg.start(rig.serve)
             uris[name] = f"{scheme}://{host}:{port}"
-        print(f"Started {n_rigs} simulated rigs over {transport.upper()}:", file=out)
+        ui.line(f"Started {n_rigs} simulated rigs over {transport.upper()}:", progress=True)
         for name, uri in uris.items():
-            print(f"  {name:<10} {uri}", file=out)
+            ui.line(f"  {name:<10} {uri}", progress=True)
         async with Services.open(uris, timeout=5.0) as services:
             arrived: dict[str, float] = {}
 
@@ -225,62 +334,79 @@ async def _demo(n_rigs: int, transport: str, out: TextIO) -> int:
                 try:
                     responses = await step()
                 except ServicesError as exc:
-                    print(f"rignet: error: {exc}", file=sys.stderr)
+                    await unless_cancelled()
                     tg.cancel_scope.cancel()
-                    return 1
+                    failures = "; ".join(
+                        f"{name}: {describe(error)[1]}" for name, error in exc.failures.items()
+                    )
+                    return ui.fail(f"{title.split()[0]} failed on {failures}")
                 took = anyio.current_time() - began
-                print(f"\n== {title} ({took * 1000:.1f} ms) ==", file=out)
-                print(f"  {'rig':<10} {'time':>9}  completion data", file=out)
+                ui.line(f"\n== {title} ({took * 1000:.1f} ms) ==", progress=True)
+                ui.line(f"  {'rig':<10} {'time':>9}  completion data", progress=True)
                 for name, data in responses.items():
                     ms = (arrived.get(name, began) - began) * 1000
-                    print(f"  {name:<10} {ms:>6.1f} ms  {json.dumps(data)}", file=out)
+                    ui.line(f"  {name:<10} {ms:>6.1f} ms  {json.dumps(data)}", progress=True)
             elapsed = anyio.current_time() - total
-        print(
-            f"\nExperiment {exp_ref} complete: 6 steps x {n_rigs} rigs in {elapsed * 1000:.0f} ms.",
-            file=out,
+        ui.line(progress=True)
+        ui.line(
+            f"Experiment {exp_ref} complete: 6 steps x {n_rigs} rigs in {elapsed * 1000:.0f} ms."
         )
         tg.cancel_scope.cancel()
     return 0
 
 
-# --------------------------------------------------------------------- serve
+# ----------------------------------------------------------------- serve
 
 
-def _cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _cmd_serve(args: argparse.Namespace, ui: UI, interrupt: Interrupt) -> int:
+    parser: argparse.ArgumentParser = args.parser
     try:
-        return anyio.run(_serve, args.uri, args.name, not args.no_ack, args.fail_on)
+        check_uri(args.uri, "cannot serve")
+    except RigsError as exc:
+        parser.error(str(exc))
+    try:
+        run_async(
+            interrupt,
+            args.backend,
+            partial(_serve, ui, args.uri, args.name, not args.no_ack, args.fail_on),
+        )
     except (ValueError, TypeError) as exc:
-        parser.error(f"cannot serve on {args.uri}: {exc}")  # a bad URI: usage error, like send
+        return ui.fail(f"cannot serve on {args.uri}: {exc}")
     except OSError as exc:
-        return _fail(f"cannot serve on {args.uri}: {exc}")
+        return ui.fail(f"cannot serve on {args.uri}: {exc.strerror or exc}")
+    if interrupt.signum is not None:
+        # Stopping is how serve ends: exit 0.
+        ui.line(f"{timestamp()} stopping ({signal_name(interrupt.signum)})")
+    return 0
 
 
-async def _serve(uri: str, name: str | None, ack: bool, fail_on: list[ExpMessage]) -> int:
+async def _serve(ui: UI, uri: str, name: str | None, ack: bool, fail_on: list[ExpMessage]) -> int:
     rig = RigService(uri, name=name, ack=ack)
     failing = set(fail_on)
 
     def handle(msg: Message) -> Any:
         host, port = msg.addr or ("?", 0)
-        print(f"{msg.event.name} from {host}:{port}: {json.dumps(msg.data)}", flush=True)
+        event = word(msg.event)
+        ui.line(
+            f"{timestamp()} {event} from {addr((host, port))}: {json.dumps(msg.data)}",
+            progress=True,
+        )
         if msg.event in failing:
-            raise RuntimeError(f"simulated failure of {msg.event.name} (--fail-on)")
-        return {"rig": rig.name, "done": _label(msg.event)}
+            raise RuntimeError(f"simulated failure of {event} (--fail-on {event})")
+        return {"rig": rig.name, "done": event}
 
-    rig.handle(_SIGNAL_EVENTS)(handle)
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with rig:
-            print(f"rig {rig.name!r} listening on {rig.local_uri} (Ctrl-C to stop)", flush=True)
-            async for signum in signals:
-                print(f"stopping ({signal.Signals(signum).name})", flush=True)
-                break
-    return 0
+    rig.handle(SIGNAL_EVENTS)(handle)
+    async with rig:
+        ui.line(f"{timestamp()} rig {rig.name!r} listening on {rig.local_uri} (Ctrl-C to stop)")
+        await anyio.sleep_forever()
+    return 0  # pragma: no cover - only a signal ends it
 
 
-# ---------------------------------------------------------------------- send
+# ------------------------------------------------------------------ send
 
 
-def _cmd_send(top: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    parser: argparse.ArgumentParser = args.subparser
+def _cmd_send(args: argparse.Namespace, ui: UI, interrupt: Interrupt) -> int:
+    parser: argparse.ArgumentParser = args.parser
     event: str = args.event
     if args.arg is not None and event not in ("start", "status", "info"):
         parser.error(f"{event} takes no EXP_REF or status; pass its data with --data JSON")
@@ -294,15 +420,37 @@ def _cmd_send(top: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         except ValueError as exc:
             parser.error(str(exc))
     try:
-        return anyio.run(_send, args.uri, event, args.arg, args.data, args.wait, args.timeout)
-    except (ValueError, TypeError) as exc:
-        parser.error(str(exc))
-    except (RignetError, OSError) as exc:
-        return _fail(str(exc))
+        check_uri(args.uri, "bad URI")
+    except RigsError as exc:
+        parser.error(str(exc).removeprefix("bad URI: "))
+    delivered: list[bool] = []
+    try:
+        done, status = run_async(
+            interrupt,
+            args.backend,
+            partial(
+                _send, ui, args.uri, event, args.arg, args.data, args.wait, args.timeout, delivered
+            ),
+        )
+    except (RignetError, OSError, ValueError) as exc:
+        return ui.fail(f"{args.uri}: {describe(exc)[1]}")
+    if not done:
+        # Interrupted while listening for the completion update after a confirmed
+        # send without --wait: the work was done.
+        return 0 if delivered else ui.interrupted(interrupt)
+    assert status is not None
+    return status
 
 
 async def _send(
-    uri: str, event: str, arg: str | None, data: Any, wait: bool, timeout: float
+    ui: UI,
+    uri: str,
+    event: str,
+    arg: str | None,
+    data: Any,
+    wait: bool,
+    timeout: float,
+    delivered: list[bool],
 ) -> int:
     status: Any = int(arg) if arg is not None and arg.isdigit() else arg
     async with EchoProtocol.client(uri, name=uri, echo_timeout=timeout) as rig:
@@ -320,9 +468,10 @@ async def _send(
             try:
                 responses = await calls[event]()
             except ServicesError as exc:
-                return _fail(str(next(iter(exc.failures.values()))))
-            print(f"echo round trip: {rig.stats.rtt_max * 1000:.2f} ms")
-            print(f"completion: {json.dumps(responses[uri])}")
+                await unless_cancelled()
+                return ui.fail(f"{uri}: {describe(next(iter(exc.failures.values())))[1]}")
+            ui.line(f"echo round trip: {rig.stats.rtt_max * 1000:.2f} ms")
+            ui.line(f"completion: {json.dumps(responses[uri])}")
             return 0
         sends: dict[str, Callable[[], Awaitable[None]]] = {
             "init": lambda: rig.init(data),
@@ -333,6 +482,18 @@ async def _send(
             "status": lambda: rig.status(status),
             "info": lambda: rig.info(status, data),
         }
-        await sends[event]()
-        print(f"echo round trip: {rig.stats.rtt_max * 1000:.2f} ms")
+        # A rig answers each signal with a completion update, which it expects us
+        # to confirm (this endpoint echoes it on arrival). Listen briefly for it,
+        # so that a quick rig does not log an unconfirmed reply after we left.
+        async with rig.subscribe(EVENTS[event]) as replies:
+            await sends[event]()
+            ui.line(f"echo round trip: {rig.stats.rtt_max * 1000:.2f} ms")
+            delivered.append(True)
+            with anyio.move_on_after(min(timeout, _SEND_LINGER)):
+                async for _ in replies:
+                    break
     return 0
+
+
+_SEND_LINGER = 1.0
+"""Seconds ``send`` without ``--wait`` listens for the rig's completion update."""
