@@ -204,7 +204,9 @@ class Call:
             self._transport.abandon(send)
             return EchoTimeout(self.name, self.target, self.echo_timeout)
         if send.outcome is Outcome.UNAVAILABLE:
-            return PeerUnavailable(self.target, "the peer is unreachable or disconnected")
+            return PeerUnavailable(
+                self.target, send.reason or "the peer is unreachable or disconnected"
+            )
         return EndpointClosed(f"{self.name}: endpoint closed")
 
     def _abandon(self) -> None:

@@ -90,9 +90,13 @@ class Interrupt:
 
     @property
     def exit_status(self) -> int:
-        """The shell's convention for a process ended by the signal: 128 + its number."""
+        """130 (the shell's status for Ctrl-C), whichever signal interrupted the command.
+
+        One status for every interruption (Ctrl-C, SIGTERM, Ctrl-Break), so a
+        script that runs ``rignet`` has one number to check.
+        """
         assert self.signum is not None
-        return 128 + self.signum
+        return 130
 
     def install(self) -> None:
         """Handle the signals from now on (main thread only: elsewhere a no-op)."""

@@ -247,6 +247,7 @@ class Send:
         "handle",
         "outcome",
         "peer",
+        "reason",
         "retransmits",
         "retry_at",
         "rto",
@@ -271,6 +272,7 @@ class Send:
         self.rto = 0.0
         self.retransmits = 0
         self.outcome = Outcome.PENDING
+        self.reason = ""  # why it ended UNAVAILABLE, as the shell reported it
         self.waiter: Any = None
         self.handle: Any = None
 
@@ -502,14 +504,15 @@ class EchoCore:
             if not waiting:
                 del self._pending[send.peer]
 
-    def peer_lost(self, addr: tuple[Any, ...]) -> list[Send]:
-        """End every send to ``addr`` as ``UNAVAILABLE``; return them."""
+    def peer_lost(self, addr: tuple[Any, ...], reason: str = "") -> list[Send]:
+        """End every send to ``addr`` as ``UNAVAILABLE`` (with ``reason``); return them."""
         waiting = self._pending.pop(self.peer_key(addr), None)
         ended: list[Send] = []
         if waiting:
             for sends in waiting.values():
                 for send in sends:
                     send.outcome = Outcome.UNAVAILABLE
+                    send.reason = reason
                     ended.append(send)
         return ended
 

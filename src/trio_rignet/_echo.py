@@ -542,7 +542,7 @@ class EchoProtocol:
             transport.abandon(send)
             raise EchoTimeout(self.name, target, timeout)
         if outcome is Outcome.UNAVAILABLE:
-            raise PeerUnavailable(target, "the peer is unreachable or disconnected")
+            raise PeerUnavailable(target, send.reason or "the peer is unreachable or disconnected")
         raise EndpointClosed(f"{self.name}: endpoint closed")
 
     async def _await_echo(self, send: Send) -> None:
@@ -875,7 +875,7 @@ class EchoProtocol:
     def _peer_lost(self, addr: Address, reason: str) -> None:
         """Transport callback: fail every pending send to ``addr`` at once."""
         self.logger.info("[%s] %s: %s", self.name, self.uri_of(canonical_address(addr)), reason)
-        for send in self._core.peer_lost(addr):
+        for send in self._core.peer_lost(addr, reason):
             _wake(send)
 
     def _accepts(self, addr: Address) -> bool:

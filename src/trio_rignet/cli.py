@@ -120,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Signal experiment rigs over a LAN (trio-rignet, wire-compatible with "
         "iblutil.io.net).",
         epilog="Run `rignet COMMAND -h` for a command's options. Exit statuses: 0 success, "
-        "1 failure, 2 bad arguments, 3 (run) no rig reachable, 130 Ctrl-C, 143 SIGTERM.",
+        "1 failure, 2 bad arguments, 3 (run) no rig reachable, 130 interrupted (Ctrl-C, SIGTERM).",
     )
     version = f"rignet {__version__} (trio-rignet, Python {sys.version.split()[0]})"
     parser.add_argument("--version", action="version", version=version)
@@ -248,8 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after ``rignet``; ``None`` reads ``sys.argv``.
 
     Ctrl-C (SIGINT), SIGTERM and, on Windows, Ctrl-Break cancel the command:
-    it prints one line and returns 128 + the signal number (130 for Ctrl-C),
-    or its usual status if its work had already finished. Called with
+    it prints one line and returns 130, or its usual status if its work had
+    already finished. Called with
     ``argv=None`` (as the ``rignet`` command), these signals are ignored once
     the work is done, until the process exits; called with a list, the
     previous signal handlers are restored on return. Bad arguments raise
