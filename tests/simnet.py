@@ -258,7 +258,8 @@ class CoreNode(Node):
         self.name += "'"
         self.generation += 1
         self._decoders.clear()
-        self.start(session_seed)
+        # A new session, as a real restart draws one (seeded apart from earlier ones).
+        self.start(session_seed * 1_000_003 + self.generation)
 
     @property
     def c(self) -> EchoCore:

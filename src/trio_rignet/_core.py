@@ -101,6 +101,9 @@ class Received(enum.IntEnum):
     """Not a valid message: drop (log the reason)."""
     REFUSED = 7
     """From a host outside the allow list: drop."""
+    EXTENSION = 8
+    """A trio-rignet extension message (heartbeat, clock probe): for the extension
+    layer; never echoed, never dispatched."""
 
 
 @dataclass
@@ -542,8 +545,9 @@ class EchoCore:
 
         Returns ``(verdict, detail)``: for ``ECHO`` the confirmed
         :class:`Send`; for ``NEW`` the parsed :class:`~trio_rignet.Message`;
-        for ``MALFORMED`` the reason; otherwise None. The shell echoes ``raw``
-        for ``NEW`` (unless the message is an error report) and ``DUPLICATE``.
+        for ``EXTENSION`` ``(tag, message bytes)``; for ``MALFORMED`` the
+        reason; otherwise None. The shell echoes ``raw`` for ``NEW`` (unless
+        the message is an error report) and ``DUPLICATE``.
         """
         stats = self.stats
         stats.received += 1
@@ -566,6 +570,11 @@ class EchoCore:
         tag = read_tag(key)
         if tag is not None:
             verdict = self._check_tag(peer, tag)
+            if key[1:2] == b"{":  # [{...}]: the extension channel between trio-rignet peers
+                if verdict is None:
+                    return Received.EXTENSION, (tag, key)
+                if verdict is Received.DUPLICATE:
+                    verdict = Received.STALE  # never echoed
             if verdict is not None:
                 return verdict, None
         try:
