@@ -194,9 +194,7 @@ def schedule(sim: Sim, nodes: list[Node], sc: Scenario) -> None:
             elif a.kind == "post":
                 sim.at(a.at, lambda actor=actor, dst=dst, p=payload: actor.post(dst, p))
             elif a.kind == "restart":
-                sim.at(
-                    a.at, lambda actor=actor, seed=sc.seed + a.actor + 100: actor.restart(seed)
-                )
+                sim.at(a.at, lambda actor=actor, seed=sc.seed + a.actor + 100: actor.restart(seed))
             else:
                 sim.at(a.at, lambda actor=actor, i=a.target: actor.cancel(i))
 

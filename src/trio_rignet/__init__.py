@@ -20,7 +20,9 @@ from ._errors import (
     RignetError,
 )
 from ._events import Callback
+from ._extensions import ClockEstimate, PeerStatus
 from ._framing import StreamDecoder
+from ._liveness import Change
 from ._messages import (
     LISTEN_PORT,
     PROTOCOL_VERSION,
@@ -34,7 +36,7 @@ from ._messages import (
     parse_message,
 )
 from ._rig import RigHandler, RigService
-from ._services import CompletionTimeout, Services, ServicesError
+from ._services import CompletionTimeout, RigState, Services, ServicesError
 from ._uri import hostname2ip, is_valid_ip, validate_uri
 
 __version__ = "0.1.0"
@@ -45,6 +47,8 @@ __all__ = [
     "AlyxLike",
     "Call",
     "Callback",
+    "Change",
+    "ClockEstimate",
     "CompletionTimeout",
     "EchoProtocol",
     "EchoStats",
@@ -57,10 +61,12 @@ __all__ = [
     "Message",
     "MessageError",
     "PeerNotAllowed",
+    "PeerStatus",
     "PeerUnavailable",
     "RemoteError",
     "RigHandler",
     "RigService",
+    "RigState",
     "RignetError",
     "Services",
     "ServicesError",

@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeAlias, TypedDict
 
@@ -29,6 +30,7 @@ from ._errors import (
     PeerUnavailable,
 )
 from ._events import Callback, EventLike, Events, Subscription, event_codes
+from ._extensions import PeerStatus, PeerTable, build_ping, build_pong, parse_extension
 from ._framing import DEFAULT_MAX_MESSAGE_SIZE
 from ._groups import collapse_single
 from ._messages import (
@@ -86,6 +88,10 @@ class EndpointOptions(TypedDict, total=False):
             trio-rignet, unless it answered the first (0.05). iblutil reads a
             TCP stream without framing; see the protocol page.
         read_timeout: TCP: seconds a peer may leave a message half-sent (10).
+        clock: the clock of the extension channel's timestamps (pings and
+            pongs, hence clock offsets between trio-rignet peers): a function
+            returning seconds, ``time.time`` by default. A rig recording with
+            another clock passes that clock here.
     """
 
     echo_timeout: float | None
@@ -96,6 +102,7 @@ class EndpointOptions(TypedDict, total=False):
     max_connections: int
     pace: float
     read_timeout: float
+    clock: Callable[[], float]
 
 
 class EchoProtocol:
@@ -163,6 +170,13 @@ class EchoProtocol:
             allow=opts.get("allow"),
         )
         self._events = Events(self.name, self.logger, self._report_failure)
+        clock_ = opts.get("clock", time.time)
+        if not callable(clock_):
+            raise TypeError(f"clock must be a function returning seconds, got {clock_!r}")
+        self._clock: Callable[[], float] = clock_
+        self._peers = PeerTable()
+        self.last_message: Message | None = None
+        """The last message dispatched (received new, echoes excluded), or None."""
         self._log = RateLimit()
         self._addresses: dict[Any, Address] = {}
         self._tg: TaskGroup | None = None
@@ -346,6 +360,31 @@ class EchoProtocol:
         """True if the peer (``addr``, or a client's peer) has sent a message tagged
         by trio-rignet, so it runs trio-rignet (see the protocol page)."""
         return self._core.is_trio_peer(self._target(addr))
+
+    def ping(self, addr: Address | None = None) -> None:
+        """Send the peer a heartbeat ping (extension channel); its pong updates :meth:`peer_status`.
+
+        Only for a peer that runs trio-rignet (:meth:`is_trio_peer`, or one you
+        know does): an iblutil peer would echo it and print a warning.
+        :class:`~trio_rignet.Services` pings its rigs itself.
+
+        Raises:
+            PeerUnavailable: the peer cannot be reached (e.g. TCP down).
+            EndpointClosed: the endpoint is closed.
+        """
+        self._check_open()
+        target = self._target(addr)
+        t1 = self._clock()
+        self._peers.get(target).pinged(t1)
+        self._transport.transmit(self._core.post(target, build_ping(t1)), target)
+
+    def peer_status(self, addr: Address | None = None) -> PeerStatus | None:
+        """What the extension channel knows of the peer (None if it never answered or pinged)."""
+        return self._peers.status(self._target(addr))
+
+    def peer_statuses(self) -> dict[Address, PeerStatus]:
+        """Every peer the extension channel knows, by address (a rig sees its main PCs here)."""
+        return self._peers.statuses()
 
     def uri_of(self, addr: Address) -> str:
         """Return ``addr`` as a URI with this endpoint's scheme."""
@@ -848,7 +887,10 @@ class EchoProtocol:
                 )
             if self.logger.isEnabledFor(logging.DEBUG):
                 self.logger.debug("[%s] received %r from %s", self.name, raw, self.uri_of(addr))
+            self.last_message = msg
             self._events.dispatch(msg)
+        elif verdict is Received.EXTENSION:
+            self._extension(addr, *detail)
         elif verdict is Received.DUPLICATE:
             if self._transmit(raw, addr):
                 self._core.stats.echoed += 1
@@ -871,6 +913,26 @@ class EchoProtocol:
             self.logger.debug(
                 "[%s] %s from %s dropped: %r", self.name, verdict.name, self.uri_of(addr), raw
             )
+
+    def _extension(self, addr: Address, tag: tuple[int, int, int | None], body: bytes) -> None:
+        """A ping to answer or a pong to take (see :mod:`._extensions`)."""
+        now = self._clock()  # first: the receive timestamp of the exchange
+        ext = parse_extension(body)
+        if ext is None:
+            if self._log.ready(self._now()):
+                self.logger.warning(
+                    "[%s] dropped a malformed extension message from %s", self.name, addr
+                )
+            return
+        peer = canonical_address(addr)
+        entry = self._peers.get(peer)
+        if ext["rignet"] == "ping":
+            pong = build_pong(ext["t"], now, self._clock())
+            self._transmit(self._core.post(peer, pong, reply_to=tag[1]), peer)
+        elif not entry.answered(ext, now):
+            return
+        entry.status.session = tag[0]
+        entry.status.last_heard = self._now()
 
     def _peer_lost(self, addr: Address, reason: str) -> None:
         """Transport callback: fail every pending send to ``addr`` at once."""

@@ -7,6 +7,7 @@ data). iblutil leaves every rig to write this loop by hand.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -21,6 +22,7 @@ from ._echo import EchoProtocol, EndpointOptions
 from ._errors import RignetError
 from ._events import EventLike, Subscription, event_codes
 from ._groups import collapse_single
+from ._liveness import Change, Watchers, watch_pings
 from ._messages import LISTEN_PORT, ExpMessage, Message, build_error, encode
 from ._ratelimit import RateLimit
 from ._transport import Address
@@ -84,7 +86,10 @@ class RigService:
         name: label for logs.
         ack: send completion updates (False: only echo, like a bare endpoint).
         max_handlers: handlers running at once (64).
-        options: endpoint options (see :class:`~trio_rignet.EndpointOptions`).
+        lost_after: a main PC whose heartbeats stop for this long is ``lost``
+            (see :meth:`watch`).
+        options: endpoint options (see :class:`~trio_rignet.EndpointOptions`;
+            ``clock`` is the clock its clock offsets are measured against).
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class RigService:
         name: str | None = None,
         ack: bool = True,
         max_handlers: int = 64,
+        lost_after: float = 0.8,
         **options: Unpack[EndpointOptions],
     ) -> None:
         if isinstance(max_handlers, bool) or not isinstance(max_handlers, int) or max_handlers < 1:
@@ -109,6 +115,10 @@ class RigService:
         self._stack: AsyncExitStack | None = None
         self._running = 0
         self._busy_log = RateLimit()
+        if not lost_after > 0:
+            raise ValueError(f"lost_after must be positive seconds, got {lost_after!r}")
+        self.lost_after = lost_after
+        self._watchers = Watchers()
         for event, handler in (handlers or {}).items():
             self.handle(event)(handler)
 
@@ -142,6 +152,15 @@ class RigService:
     def local_uri(self) -> str:
         """The URI a main PC connects to, e.g. ``udp://127.0.0.1:40123`` (while running)."""
         return self.endpoint.uri_of(self.local_address)
+
+    def watch(self) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Change]]:
+        """Liveness changes of the main PCs that send this rig heartbeats, from now on.
+
+        Each :class:`~trio_rignet.Change` names a main PC by its URI: ``up``
+        (its first heartbeat), ``lost`` (none for ``lost_after`` seconds),
+        ``back`` (heartbeats again; ``restarted`` if from a new session).
+        """
+        return self._watchers.watch()
 
     @property
     def running_handlers(self) -> int:
@@ -189,6 +208,7 @@ class RigService:
             ):
                 signals = endpoint.subscription(_SIGNALS, max_buffer=4 * self.max_handlers)
                 tg.start_soon(self._receive, endpoint, signals, tg)
+                tg.start_soon(watch_pings, endpoint, self.lost_after, self._watchers.notify)
                 self._endpoint = endpoint
                 try:
                     yield

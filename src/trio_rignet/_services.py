@@ -9,9 +9,18 @@ down fails only its own part of a signal.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -23,7 +32,9 @@ from ._calls import run_calls
 from ._echo import EchoProtocol, EndpointOptions, StatusLike
 from ._errors import CompletionTimeout, PeerUnavailable, RignetError
 from ._events import Callback, EventLike
+from ._extensions import ClockEstimate
 from ._groups import collapse_single
+from ._liveness import Change, Watchers, heartbeat
 from ._messages import (
     AlyxLike,
     ExpMessage,
@@ -100,13 +111,24 @@ class RigState:
         last_error: the exception of the rig's last failed signal, or None
             once a signal succeeds.
         last_rtt: the echo round trip of its last confirmed signal, seconds.
-        trio: the rig has sent a message tagged by trio-rignet.
+        trio: the rig runs trio-rignet (it has sent a tagged message).
+        alive: the heartbeat's verdict: True (answering), False (lost), None
+            (not known: no heartbeat toward it, e.g. an iblutil rig).
+        heartbeat_rtt: round trip of its latest heartbeat, seconds.
+        clock: its clock against the main PC's
+            (:class:`~trio_rignet.ClockEstimate`), None before a heartbeat.
+        last_event: the event of the last message it sent (a completion
+            update, usually), None before one.
     """
 
     connected: bool
     last_error: BaseException | None = None
     last_rtt: float | None = None
     trio: bool = False
+    alive: bool | None = None
+    heartbeat_rtt: float | None = None
+    clock: ClockEstimate | None = None
+    last_event: ExpMessage | None = None
 
 
 class _WithService:
@@ -176,6 +198,8 @@ class Services(Mapping[str, EchoProtocol]):
         self._rigs = data
         self.timeout = timeout
         self._states = {name: RigState(rig.is_connected) for name, rig in data.items()}
+        self._alive: dict[str, bool | None] = {}
+        self._watchers = Watchers()
 
     @classmethod
     @asynccontextmanager
@@ -185,6 +209,9 @@ class Services(Mapping[str, EchoProtocol]):
         *,
         timeout: float | None = 10.0,
         wait: float | None = None,
+        heartbeat: float | None = 0.2,
+        lost_after: float = 0.8,
+        trio_rigs: bool | Collection[str] = False,
         **options: Unpack[EndpointOptions],
     ) -> AsyncIterator[Services]:
         """Open a client endpoint for every rig, concurrently, in one task group.
@@ -207,6 +234,14 @@ class Services(Mapping[str, EchoProtocol]):
             wait: if given, wait up to this many seconds for every TCP rig to
                 be connected, and raise :class:`ServicesError` naming those that
                 are not (UDP rigs have no connection to wait for).
+            heartbeat: seconds between heartbeats to each rig that runs
+                trio-rignet (None: none); see :meth:`run_heartbeat`.
+            lost_after: a rig silent this long is ``lost`` (see :meth:`watch`).
+            trio_rigs: rigs known to run trio-rignet (True: all), so that
+                heartbeats and clock offsets start at once; any other rig gets
+                them only once it has shown it runs trio-rignet (its first
+                completion update). Never declare an iblutil rig: it would
+                echo the heartbeats and print warnings.
             options: endpoint options for every rig (see
                 :class:`~trio_rignet.EndpointOptions`).
 
@@ -226,6 +261,11 @@ class Services(Mapping[str, EchoProtocol]):
         endpoints: dict[str, EchoProtocol] = {}
         failures: dict[str, BaseException] = {}
         closed = anyio.Event()
+        beating = anyio.CancelScope()
+
+        async def beat(services: Services, interval: float, declared: set[str]) -> None:
+            with beating:
+                await services.run_heartbeat(interval, lost_after, declared)
 
         async def hold(name: str, uri: str, *, task_status: TaskStatus[None]) -> None:
             started = False
@@ -253,8 +293,12 @@ class Services(Mapping[str, EchoProtocol]):
                         opened = {n: None for n in rigs if n in endpoints and n not in failures}
                         raise ServicesError(None, opened, failures)
                     services = cls({name: endpoints[name] for name in rigs}, timeout=timeout)
+                    if heartbeat is not None:
+                        declared = set(rigs) if trio_rigs is True else set(trio_rigs or ())
+                        tg.start_soon(beat, services, heartbeat, declared)
                     yield services
                 finally:
+                    beating.cancel()
                     closed.set()
 
     # ---------------------------------------------------------------- mapping
@@ -298,6 +342,8 @@ class Services(Mapping[str, EchoProtocol]):
         kept = {name: rig for name, rig in self._rigs.items() if name not in names}
         other = Services(kept, timeout=self.timeout)
         other._states = {name: self._states[name] for name in kept}
+        other._alive = self._alive  # the heartbeat of this Services keeps both up to date
+        other._watchers = self._watchers
         return other
 
     # -------------------------------------------------------------- lifecycle
@@ -314,7 +360,51 @@ class Services(Mapping[str, EchoProtocol]):
             state = self._states[name]
             state.connected = rig.is_connected
             state.trio = rig.is_trio_peer()
+            state.alive = self._alive.get(name)
+            status = rig.peer_status()
+            if status is not None:
+                state.heartbeat_rtt = status.rtt
+                state.clock = status.clock
+            if rig.last_message is not None:
+                state.last_event = rig.last_message.event
         return dict(self._states)
+
+    async def run_heartbeat(
+        self, interval: float = 0.2, lost_after: float = 0.8, trio_rigs: Collection[str] = ()
+    ) -> None:
+        """Ping every rig that runs trio-rignet each ``interval`` seconds, until cancelled.
+
+        :meth:`open` runs this in its task group; run it yourself (in a task
+        group) for a Services you built from endpoints. Each answer refreshes
+        the rig's round trip and clock offset (:attr:`state`); a rig silent
+        for ``lost_after`` seconds is reported ``lost``, and ``back`` when it
+        answers again (see :meth:`watch`). Rigs that have not shown they run
+        trio-rignet get nothing, unless named in ``trio_rigs``.
+
+        Cancellation: the heartbeat stops; nothing is left registered.
+        """
+        if not interval > 0 or not lost_after > 0:
+            raise ValueError(
+                "interval and lost_after must be positive seconds, "
+                f"got {interval!r} and {lost_after!r}"
+            )
+        await heartbeat(
+            self._rigs, set(trio_rigs), interval, lost_after, self._watchers.notify, self._alive
+        )
+
+    def watch(self) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Change]]:
+        """Liveness changes of the rigs, from now on::
+
+            async with services.watch() as changes:
+                async for change in changes:
+                    print(change.peer, change.kind)  # "video lost", "video back"
+
+        Each :class:`~trio_rignet.Change` is ``up`` (a rig answered its first
+        heartbeat), ``lost`` (silent for ``lost_after``) or ``back`` (answering
+        again; ``restarted`` if its process was started again). Only rigs that
+        get heartbeats (see :meth:`run_heartbeat`) change.
+        """
+        return self._watchers.watch()
 
     async def aclose(self) -> None:
         """Close every rig's endpoint. Idempotent.

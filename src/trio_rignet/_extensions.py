@@ -1,0 +1,252 @@
+"""The extension channel between trio-rignet peers: heartbeats and clock offsets.
+
+Only trio-rignet endpoints speak it, and a message of it is only ever sent to
+a peer known to run trio-rignet: one whose own messages carried a trio-rignet
+tag (every message a trio-rignet endpoint originates does), or one the user
+declared (``Services.open(..., trio_rigs=...)``). An iblutil 1.20.0 peer is
+never sent any. Its messages are JSON arrays holding one object, tagged like
+every trio-rignet message::
+
+    [{"rignet": "ping", "t": 1700000000.123456}]
+    [{"rignet": "pong", "t1": ..., "t2": ..., "t3": ...}]   (tag ref: the ping)
+
+A trio-rignet endpoint recognises them by their tag and shape, answers a ping
+with a pong, never echoes or dispatches them. (Were one to reach an iblutil
+peer, it would echo it and warn "Expected list"; the echo is recognised and
+dropped.) The tag's session and sequence numbers already reject a replayed
+message within the receiver's window; a flag bit of the tag is reserved for a
+MAC with a per-lab key, to authenticate this channel later.
+
+A ping/pong exchange timestamps four instants, two on each side's clock:
+``t1`` ping sent and ``t4`` pong received (ours), ``t2`` ping received and
+``t3`` pong sent (the peer's). NTP's arithmetic gives the peer's clock offset
+``((t2 - t1) + (t3 - t4)) / 2`` with an error of at most half the round trip
+``(t4 - t1) - (t3 - t2)``. :class:`ClockEstimator` keeps the shortest round
+trip of each window of exchanges (queueing only ever adds delay) and fits
+offset and drift through them. No I/O here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ClockEstimate",
+    "ClockEstimator",
+    "PeerEntry",
+    "PeerStatus",
+    "PeerTable",
+    "build_ping",
+    "build_pong",
+    "parse_extension",
+]
+
+
+def build_ping(t1: float) -> bytes:
+    """A ping carrying the sender's clock ``t1``."""
+    return json.dumps([{"rignet": "ping", "t": t1}]).encode()
+
+
+def build_pong(t1: float, t2: float, t3: float) -> bytes:
+    """The answer to a ping sent at ``t1`` (its sender's clock), received at ``t2`` and
+    answered at ``t3`` (ours)."""
+    return json.dumps([{"rignet": "pong", "t1": t1, "t2": t2, "t3": t3}]).encode()
+
+
+def _number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def parse_extension(body: bytes) -> dict[str, Any] | None:
+    """The object of an extension message, or None if it is not a well-formed one."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if type(obj) is not list or len(obj) != 1 or type(obj[0]) is not dict:
+        return None
+    ext: dict[str, Any] = obj[0]
+    kind = ext.get("rignet")
+    if kind == "ping" and _number(ext.get("t")):
+        return ext
+    if kind == "pong" and all(_number(ext.get(k)) for k in ("t1", "t2", "t3")):
+        return ext
+    return None
+
+
+@dataclass(frozen=True)
+class ClockEstimate:
+    """A peer's clock against ours: ``peer_time = our_time + offset`` at ``at``.
+
+    Attributes:
+        offset: seconds to add to our clock to get the peer's, at ``at``.
+        uncertainty: bound on the offset's error from the exchange it rests on
+            (half that exchange's round trip), seconds.
+        drift: how fast the offset changes, seconds per second (0 until two
+            windows of exchanges have been seen).
+        at: our clock time the estimate is for.
+        samples: exchanges seen.
+    """
+
+    offset: float
+    uncertainty: float
+    drift: float
+    at: float
+    samples: int
+
+    def offset_at(self, our_time: float) -> float:
+        """The offset at ``our_time`` (extrapolated with the drift)."""
+        return self.offset + self.drift * (our_time - self.at)
+
+    def to_ours(self, peer_time: float) -> float:
+        """A timestamp of the peer's clock in ours (a rig's frame time in main-PC time)."""
+        # peer = ours + offset + drift * (ours - at)  =>  solve for ours
+        return self.at + (peer_time - self.offset - self.at) / (1.0 + self.drift)
+
+    def to_peer(self, our_time: float) -> float:
+        """A timestamp of our clock, in the peer's clock."""
+        return our_time + self.offset_at(our_time)
+
+
+class ClockEstimator:
+    """NTP-style offset and drift of a peer's clock, from ping/pong exchanges.
+
+    Args:
+        window: exchanges per window; the one with the shortest round trip is kept.
+        keep: kept samples used for the fit (the most recent).
+    """
+
+    __slots__ = ("_best", "_count", "_kept", "keep", "samples", "window")
+
+    def __init__(self, window: int = 8, keep: int = 64) -> None:
+        self.window = window
+        self.keep = keep
+        self.samples = 0
+        self._count = 0
+        self._best: tuple[float, float, float] | None = None  # (delay, mid time, offset)
+        self._kept: deque[tuple[float, float, float]] = deque(maxlen=keep)
+
+    def add(self, t1: float, t2: float, t3: float, t4: float) -> None:
+        """One exchange: ``t1``/``t4`` on our clock, ``t2``/``t3`` on the peer's."""
+        delay = (t4 - t1) - (t3 - t2)
+        if not delay >= 0:  # clocks stepped, or nonsense: no information
+            return
+        offset = ((t2 - t1) + (t3 - t4)) / 2
+        sample = (delay, (t1 + t4) / 2, offset)
+        self.samples += 1
+        self._count += 1
+        if self._best is None or delay < self._best[0]:
+            self._best = sample
+        if self._count >= self.window or not self._kept:
+            self._kept.append(self._best)
+            self._best = None
+            self._count = 0
+
+    def estimate(self) -> ClockEstimate | None:
+        """The current estimate (None before the first exchange).
+
+        The offset is that of the shortest recent round trip; once several
+        windows have been kept, a least-squares line through them gives the
+        drift, and the offset at that sample's time is read off the line.
+        """
+        kept = list(self._kept)
+        if self._best is not None:
+            kept.append(self._best)
+        if not kept:
+            return None
+        delay, at, offset = min(kept[-4:])  # the best of the latest windows
+        drift = 0.0
+        if len(kept) >= 8:
+            drift = _slope([(t, o) for _, t, o in kept])
+            mean_t = sum(t for _, t, _ in kept) / len(kept)
+            mean_o = sum(o for _, _, o in kept) / len(kept)
+            offset = mean_o + drift * (at - mean_t)
+        return ClockEstimate(offset, delay / 2, drift, at, self.samples)
+
+
+def _slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of ``points`` (0 if they span no time)."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    sxx = sum((x - mean_x) ** 2 for x, _ in points)
+    if sxx <= 0:
+        return 0.0
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
+
+
+@dataclass
+class PeerStatus:
+    """What an endpoint knows of one trio-rignet peer from the extension channel.
+
+    Attributes:
+        session: the session number of its latest message (a new one means it
+            restarted).
+        last_heard: when it last answered a ping or pinged us, on the event
+            loop's clock (``anyio.current_time()``); None if never.
+        rtt: round trip of its latest pong, seconds (None before one).
+        clock: its clock offset against ours (None before a pong).
+    """
+
+    session: int | None = None
+    last_heard: float | None = None
+    rtt: float | None = None
+    clock: ClockEstimate | None = None
+
+
+class PeerEntry:
+    """One peer of the extension channel: its status, its clock, our pings in flight."""
+
+    __slots__ = ("clock", "pings", "status")
+
+    def __init__(self) -> None:
+        self.status = PeerStatus()
+        self.clock = ClockEstimator()
+        self.pings: deque[float] = deque(maxlen=16)  # t1 of our latest pings
+
+    def pinged(self, t1: float) -> None:
+        self.pings.append(t1)
+
+    def answered(self, ext: dict[str, Any], t4: float) -> bool:
+        """Take a pong received at ``t4``; False if it answers no ping of ours."""
+        t1 = ext["t1"]
+        if t1 not in self.pings:
+            return False  # not ours (or too old): its timestamps prove nothing
+        self.pings.remove(t1)
+        t2, t3 = ext["t2"], ext["t3"]
+        self.clock.add(t1, t2, t3, t4)
+        self.status.rtt = (t4 - t1) - (t3 - t2)
+        self.status.clock = self.clock.estimate()
+        return True
+
+
+class PeerTable:
+    """Extension-channel state per peer, bounded (least recently heard forgotten first)."""
+
+    __slots__ = ("_data", "capacity")
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.capacity = capacity
+        self._data: OrderedDict[tuple[str, int], PeerEntry] = OrderedDict()
+
+    def get(self, peer: tuple[str, int]) -> PeerEntry:
+        """The entry of ``peer``, made the most recent (created if new)."""
+        entry = self._data.get(peer)
+        if entry is None:
+            entry = self._data[peer] = PeerEntry()
+            if len(self._data) > self.capacity:
+                self._data.popitem(last=False)
+        else:
+            self._data.move_to_end(peer)
+        return entry
+
+    def status(self, peer: tuple[str, int]) -> PeerStatus | None:
+        entry = self._data.get(peer)
+        return None if entry is None else entry.status
+
+    def statuses(self) -> dict[tuple[str, int], PeerStatus]:
+        return {peer: entry.status for peer, entry in self._data.items()}
