@@ -58,9 +58,10 @@ from ._errors import EndpointClosed
 from ._events import EventLike, event_codes
 from ._messages import AlyxLike, Message
 from ._ratelimit import RateLimit
-from ._services import RigState
+from ._services import RigState, ServicesError
 from ._services import Services as AsyncServices
 from ._transport import Address
+from ._uri import validate_uri
 
 if TYPE_CHECKING:
     from typing_extensions import Self, Unpack
@@ -323,7 +324,8 @@ class _Loop:
         self.closing = False
         self.reason: BaseException | None = None  # why the loop ended on its own
         self._closed = threading.Event()
-        self._active = 0  # jobs running on the loop (touched in the loop thread only)
+        self._active = 0  # calls running on the loop (touched in the loop thread only)
+        self._jobs: set[anyio.CancelScope] = set()  # their cancel scopes (idem)
         self._idle: anyio.Event | None = None
         self.callbacks: _CallbackThread | None = None
         self.subscriptions: set[Subscription] = set()
@@ -408,8 +410,10 @@ class _Loop:
                     ) as services:
                         self.opened.set_result(services)
                         await portal.sleep_until_stopped()
-                        # close(): every call in flight was cancelled; let them end
-                        # before the endpoints close, so that they raise EndpointClosed.
+                        # close() cancelled every call in flight: let them end before
+                        # the endpoints close, so that they raise EndpointClosed. (Not
+                        # portal.stop(cancel_remaining=True): it would cancel this task,
+                        # the portal's host, too.)
                         while self._active:
                             await self._idle.wait()
                             self._idle = anyio.Event()
@@ -423,7 +427,8 @@ class _Loop:
                         "the rigs' endpoints failed; the blocking Services is closed",
                         exc_info=exc,
                     )
-                    await portal.stop(cancel_remaining=True)
+                    self._cancel_jobs()
+                    await portal.stop()
             if not self.opened.done():  # cancelled while opening
                 self.opened.set_exception(EndpointClosed("opening the rigs was cancelled"))
 
@@ -445,19 +450,36 @@ class _Loop:
     ) -> T:
         self._active += 1
         try:
-            if fail_after is None:
-                return await func(*args)
-            with anyio.move_on_after(fail_after):
-                return await func(*args)
-            raise TimeoutError(
-                f"{what} did not finish within fail_after={fail_after:g} s and was cancelled "
-                "(a rig may have received the signal; the endpoints are still open)"
-            )
+            with anyio.CancelScope() as scope:
+                self._jobs.add(scope)
+                if self.closing:
+                    scope.cancel()
+                if fail_after is None:
+                    return await func(*args)
+                with anyio.move_on_after(fail_after):
+                    return await func(*args)
+                raise TimeoutError(
+                    f"{what} did not finish within fail_after={fail_after:g} s and was "
+                    "cancelled (a rig may have received the signal; the endpoints are still open)"
+                )
+            raise self._ended_error(what)  # cancelled by close() (or a failure of the loop)
         finally:
+            self._jobs.discard(scope)
             self._active -= 1
             if not self._active and self._idle is not None:
                 self._idle.set()
             job.finished.set_result(None)
+
+    def _cancel_jobs(self) -> None:
+        """Cancel every call in flight (in the loop thread); each raises EndpointClosed."""
+        for scope in self._jobs:
+            scope.cancel()
+
+    async def _shutdown(self) -> None:
+        """close(), in the loop thread: end the calls in flight, then the main task."""
+        assert self.portal is not None
+        self._cancel_jobs()
+        await self.portal.stop()
 
     # ----------------------------------------------------------- any thread
 
@@ -553,7 +575,7 @@ class _Loop:
         portal = self.portal
         if portal is not None and not self.done.done():
             with contextlib.suppress(RuntimeError):  # the loop ended on its own meanwhile
-                portal.call(portal.stop, True)
+                portal.call(self._shutdown)
         self.thread.join()
         with self._lock:
             callbacks = self.callbacks
@@ -815,6 +837,20 @@ class Rig:
         return _subscribe(loop, loop.opened.result(), [self.name], event, timeout, max_buffer)
 
 
+def _resolve(rigs: Mapping[str, str]) -> dict[str, str]:
+    """Every rig's URI validated, its host resolved; ServicesError naming the rigs that fail."""
+    resolved: dict[str, str] = {}
+    failures: dict[str, BaseException] = {}
+    for name, uri in rigs.items():
+        try:
+            resolved[name] = validate_uri(uri)
+        except (ValueError, TypeError, OSError) as exc:
+            failures[name] = exc
+    if failures:
+        raise ServicesError(None, dict.fromkeys(resolved), failures)
+    return resolved
+
+
 class Services(Mapping[str, Rig]):
     """Rigs signalled together, from synchronous code: :class:`trio_rignet.Services`
     behind a blocking facade.
@@ -886,11 +922,19 @@ class Services(Mapping[str, Rig]):
                 :meth:`trio_rignet.Services.open`; the thread is gone by then.
             ValueError: an unknown ``backend``.
 
+        URIs are checked, and host names resolved, in the calling thread
+        before the event loop starts (so that no worker thread is left behind
+        by a DNS lookup): if some are invalid or do not resolve,
+        :class:`~trio_rignet.ServicesError` names those (and no other rig is
+        opened).
+
         If the calling thread is interrupted while the rigs open, opening is
         cancelled and the thread joined before the exception propagates.
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        if isinstance(rigs, Mapping):
+            rigs = _resolve(rigs)
         loop = _Loop(backend, backend_options)
         services = loop.start(rigs, timeout, wait, options)
         loop.rigs = {name: Rig(loop, name) for name in services}
