@@ -608,13 +608,21 @@ class Subscription(Iterator[RigMessage]):
         timeout: seconds each step of the iteration waits (None: no limit).
     """
 
-    def __init__(
-        self, loop: _Loop, feeds: dict[str, _Feed], box: _Mailbox[RigMessage], timeout: float | None
-    ) -> None:
+    _loop: _Loop
+    _feeds: dict[str, _Feed]
+    _box: _Mailbox[RigMessage]
+    timeout: float | None
+
+    @classmethod
+    def _create(
+        cls, loop: _Loop, feeds: dict[str, _Feed], box: _Mailbox[RigMessage], timeout: float | None
+    ) -> Subscription:
+        self = object.__new__(cls)
         self._loop = loop
         self._feeds = feeds
         self._box = box
         self.timeout = timeout
+        return self
 
     @property
     def closed(self) -> bool:
@@ -711,7 +719,7 @@ def _subscribe(
         return feeds
 
     feeds = loop.call("subscribe", register)
-    sub = Subscription(loop, feeds, box, timeout)
+    sub = Subscription._create(loop, feeds, box, timeout)
     with loop._lock:
         closing = loop.closing
         if not closing:
@@ -729,10 +737,16 @@ class Rig:
     ``fail_after`` bounds a call as for :meth:`Services.init`.
     """
 
-    def __init__(self, loop: _Loop, name: str) -> None:
+    _loop: _Loop
+    name: str
+    """The rig's name in its Services."""
+
+    @classmethod
+    def _create(cls, loop: _Loop, name: str) -> Rig:
+        self = object.__new__(cls)
         self._loop = loop
-        self.name: str = name
-        """The rig's name in its Services."""
+        self.name = name
+        return self
 
     def _endpoint(self) -> EchoProtocol:
         return self._loop.opened.result()[self.name]
@@ -884,11 +898,17 @@ class Services(Mapping[str, Rig]):
     ``RuntimeError``.
     """
 
-    def __init__(self, loop: _Loop, services: AsyncServices, owner: bool) -> None:
+    _loop: _Loop
+    _services: AsyncServices
+    _rigs: dict[str, Rig]
+
+    @classmethod
+    def _create(cls, loop: _Loop, services: AsyncServices) -> Services:
+        self = object.__new__(cls)
         self._loop = loop
         self._services = services
-        self._owner = owner
         self._rigs = {name: loop.rigs[name] for name in services}
+        return self
 
     @classmethod
     def open(
@@ -914,8 +934,12 @@ class Services(Mapping[str, Rig]):
             backend: the event loop: ``"trio"`` or ``"asyncio"``.
             backend_options: options for ``anyio.run`` (e.g. asyncio's
                 ``{"loop_factory": ...}``).
-            timeout, wait, options: as for :meth:`trio_rignet.Services.open`
-                (completion timeout per rig, wait for TCP rigs, endpoint options).
+            timeout: seconds to wait for each rig's completion update after its
+                echo (None: no limit), as for :meth:`trio_rignet.Services.open`.
+            wait: if given, seconds to wait for every TCP rig to be connected,
+                as for :meth:`trio_rignet.Services.open`.
+            options: endpoint options for every rig (see
+                :class:`~trio_rignet.EndpointOptions`).
 
         Raises:
             ServicesError, TypeError, ValueError: as
@@ -937,8 +961,8 @@ class Services(Mapping[str, Rig]):
             rigs = _resolve(rigs)
         loop = _Loop(backend, backend_options)
         services = loop.start(rigs, timeout, wait, options)
-        loop.rigs = {name: Rig(loop, name) for name in services}
-        return cls(loop, services, owner=True)
+        loop.rigs = {name: Rig._create(loop, name) for name in services}
+        return cls._create(loop, services)
 
     # ---------------------------------------------------------------- mapping
 
@@ -964,13 +988,13 @@ class Services(Mapping[str, Rig]):
             KeyError: a name is not a rig of this Services.
         """
         view = self._loop.call("without", self._services.without, *names)
-        return Services(self._loop, view, owner=False)
+        return Services._create(self._loop, view)
 
     # -------------------------------------------------------------- lifecycle
 
     @property
     def timeout(self) -> float | None:
-        """Seconds to wait for each rig's completion update after its echo (None: no limit)."""
+        """The completion timeout of each rig, in seconds after its echo (None for no limit)."""
         return self._services.timeout
 
     @property
@@ -980,7 +1004,7 @@ class Services(Mapping[str, Rig]):
 
     @property
     def backend(self) -> str:
-        """The event loop running the rigs: ``"trio"`` or ``"asyncio"``."""
+        """The event loop running the rigs, ``"trio"`` or ``"asyncio"``."""
         return self._loop.backend
 
     @property
