@@ -35,6 +35,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from tests.helpers import FakeAlyx
 
 from trio_rignet import (
+    CompletionTimeout,
     EchoProtocol,
     EchoTimeout,
     EndpointClosed,
@@ -206,6 +207,7 @@ def test_signals_return_what_the_async_api_returns(
         assert rigs["ephys"].is_trio_peer()
         assert rigs["video"].call([ExpMessage.EXPINIT, "one rig"]).data == ["did EXPINIT"]
         rigs["video"].confirmed_send([ExpMessage.EXPSTATUS, 20])
+        rigs["video"].wait_connected(fail_after=SAFETY)
         video = rigs.without("ephys")
         assert list(video) == ["video"]
         assert video["video"] is rigs["video"]
@@ -237,6 +239,10 @@ def test_errors_keep_their_type(rig_loop: BlockingPortal, backend: dict[str, Any
             with pytest.raises(ValueError, match="fail_after"):
                 rigs.init(fail_after=0)
             assert rigs.without("ephys", "timeline").init() == {"video": ["did EXPINIT"]}
+        with blocking.Services.open(uris, timeout=SHORT, echo_timeout=SHORT, **backend) as rigs:
+            with pytest.raises(ServicesError) as info:
+                rigs.without("timeline").await_all("stop")  # no rig sends it by itself
+            assert {type(exc) for exc in info.value.failures.values()} == {CompletionTimeout}
 
 
 def test_opening_errors(backend: dict[str, Any]) -> None:
@@ -249,6 +255,8 @@ def test_opening_errors(backend: dict[str, Any]) -> None:
             blocking.Services.open(["udp://127.0.0.1:11001"], **backend)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="backend"):
             blocking.Services.open({}, backend="curio")
+        with pytest.raises(TypeError, match=r"Services\.open"):
+            blocking.Services()
 
 
 # ------------------------------------------------------------- threads
@@ -491,6 +499,7 @@ def test_callbacks_run_in_the_callback_thread(
         ]
         assert len(failures) == 2
         assert all(r.name == "trio_rignet.blocking" and r.exc_info for r in failures)
+        assert all("from rig 'video' failed" in r.getMessage() for r in failures)
         assert rigs.clear_callbacks("status", broken) == {"video": 1}
         assert rigs.clear_callbacks("status") == {"video": 1}
         assert rigs.clear_callbacks("status") == {"video": 0}

@@ -60,7 +60,6 @@ from ._messages import AlyxLike, Message
 from ._ratelimit import RateLimit
 from ._services import RigState, ServicesError
 from ._services import Services as AsyncServices
-from ._transport import Address
 from ._uri import validate_uri
 
 if TYPE_CHECKING:
@@ -186,36 +185,32 @@ class _Mailbox(Generic[T]):
             self._cond.notify_all()
 
 
-def _call_safely(callback: Callable[..., Any], args: tuple[Any, ...]) -> None:
+Delivery = Callable[[Callable[..., Any], tuple[Any, ...], str], None]
+"""Hands ``callback``, its arguments and the rig's name to the thread that runs it."""
+
+
+def _call_safely(callback: Callable[..., Any], args: tuple[Any, ...], rig: str) -> None:
     """Run a user callback; log anything it raises (the thread it runs in goes on)."""
     try:
         callback(*args)
     except BaseException:  # a callback must not end its thread silently
-        msg = args[0]
-        log.exception("callback %r for %s from %s failed", callback, msg.event.name, _uri(msg.addr))
-
-
-def _uri(addr: Address | None) -> str:
-    if addr is None:
-        return "a rig"
-    host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
-    return f"{host}:{addr[1]}"
+        log.exception("callback %r for %s from rig %r failed", callback, args[0].event.name, rig)
 
 
 class _CallbackThread:
     """The facade's own callback thread: runs callbacks one at a time, in order."""
 
     def __init__(self, name: str) -> None:
-        self.box: _Mailbox[tuple[Callable[..., Any], tuple[Any, ...]]] = _Mailbox(
+        self.box: _Mailbox[tuple[Callable[..., Any], tuple[Any, ...], str]] = _Mailbox(
             MAX_PENDING_CALLBACKS
         )
         self._full_log = RateLimit()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
-    def submit(self, callback: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    def submit(self, callback: Callable[..., Any], args: tuple[Any, ...], rig: str) -> None:
         """Queue a callback (called in the loop thread; never blocks)."""
-        dropped = not self.box.put((callback, args)) and not self.box.closed
+        dropped = not self.box.put((callback, args, rig)) and not self.box.closed
         if dropped and self._full_log.ready(time.monotonic()):
             log.warning(
                 "%d callbacks already wait for the callback thread (a callback is slow or "
@@ -228,39 +223,39 @@ class _CallbackThread:
     def _run(self) -> None:
         while True:
             try:
-                callback, args = self.box.get(None)
+                callback, args, rig = self.box.get(None)
             except _Closed:
                 return
-            _call_safely(callback, args)
+            _call_safely(callback, args, rig)
 
 
 class _Forward:
     """Registered on an endpoint: hands each message to a user callback's thread."""
 
-    __slots__ = ("args", "callback", "codes", "deliver")
+    __slots__ = ("args", "callback", "codes", "deliver", "rig")
 
     def __init__(
         self,
         callback: Callable[..., Any],
-        rig: Rig | None,
-        deliver: Callable[[Callable[..., Any], tuple[Any, ...]], None],
+        rig: Rig,
+        with_rig: bool,
+        deliver: Delivery,
         codes: set[int],
     ) -> None:
         self.callback = callback
-        self.args: tuple[Any, ...] = () if rig is None else (rig,)
+        self.rig = rig.name
+        self.args: tuple[Any, ...] = (rig,) if with_rig else ()
         self.deliver = deliver
         self.codes = codes
 
     def __call__(self, msg: Message) -> None:
-        self.deliver(self.callback, (msg, *self.args))
+        self.deliver(self.callback, (msg, *self.args), self.rig)
 
 
-def _executor_delivery(
-    executor: Executor,
-) -> Callable[[Callable[..., Any], tuple[Any, ...]], None]:
-    def deliver(callback: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def _executor_delivery(executor: Executor) -> Delivery:
+    def deliver(callback: Callable[..., Any], args: tuple[Any, ...], rig: str) -> None:
         try:
-            executor.submit(_call_safely, callback, args)
+            executor.submit(_call_safely, callback, args, rig)
         except Exception as exc:  # e.g. the executor was shut down
             log.error(
                 "could not hand the callback %r for %s to %r: %s: %s",
@@ -323,7 +318,6 @@ class _Loop:
         self._lock = threading.Lock()
         self.closing = False
         self.reason: BaseException | None = None  # why the loop ended on its own
-        self._closed = threading.Event()
         self._active = 0  # calls running on the loop (touched in the loop thread only)
         self._jobs: set[anyio.CancelScope] = set()  # their cancel scopes (idem)
         self._idle: anyio.Event | None = None
@@ -331,7 +325,6 @@ class _Loop:
         self.subscriptions: set[Subscription] = set()
         self.forwards: dict[str, list[_Forward]] = {}  # rig name -> its callbacks
         self.rigs: dict[str, Rig] = {}  # rig name -> its handle, shared by every view
-        self._close_started = False
         self._args: tuple[Mapping[str, str], float | None, float | None, EndpointOptions] | None
         self._args = None
         kwargs: dict[str, Any] = {}
@@ -375,7 +368,6 @@ class _Loop:
             with contextlib.suppress(RuntimeError):  # the loop has just ended
                 portal.call(scope.cancel)
         self.thread.join()
-        self._closed.set()
 
     def _thread_main(self) -> None:
         try:
@@ -437,7 +429,8 @@ class _Loop:
             if self.reason is None and not self.closing:
                 self.reason = exc
             self.closing = True
-        for sub in list(self.subscriptions):
+            subscriptions = list(self.subscriptions)
+        for sub in subscriptions:
             sub._box.close()
 
     async def _run_job(
@@ -558,32 +551,25 @@ class _Loop:
             return self.callbacks
 
     def close(self) -> None:
+        # Every step is idempotent: concurrent calls, or a call after one that was
+        # interrupted (Ctrl-C while joining), all end with everything closed.
         self.check_thread()
-        me = threading.current_thread()
         with self._lock:
-            first = not self._close_started
-            self._close_started = True
             self.closing = True
-        callbacks = self.callbacks
-        in_callback_thread = callbacks is not None and me is callbacks.thread
-        if not first:
-            if not in_callback_thread:
-                self._closed.wait()
-            return
-        for sub in list(self.subscriptions):
+            subscriptions = list(self.subscriptions)
+        for sub in subscriptions:
             sub._box.close()
         portal = self.portal
         if portal is not None and not self.done.done():
-            with contextlib.suppress(RuntimeError):  # the loop ended on its own meanwhile
+            with contextlib.suppress(RuntimeError):  # stopped already (or the loop ended)
                 portal.call(self._shutdown)
-        self.thread.join()
+        self.thread.join()  # the loop thread never waits for any other thread
         with self._lock:
             callbacks = self.callbacks
         if callbacks is not None:
             callbacks.box.close(discard=True)
-            if me is not callbacks.thread:
+            if threading.current_thread() is not callbacks.thread:
                 callbacks.thread.join()
-        self._closed.set()
 
 
 class Subscription(Iterator[RigMessage]):
@@ -612,6 +598,9 @@ class Subscription(Iterator[RigMessage]):
     _feeds: dict[str, _Feed]
     _box: _Mailbox[RigMessage]
     timeout: float | None
+
+    def __init__(self) -> None:
+        raise TypeError("subscriptions come from Services.subscribe() or Rig.subscribe()")
 
     @classmethod
     def _create(
@@ -668,11 +657,11 @@ class Subscription(Iterator[RigMessage]):
 
         Messages already buffered can still be read with :meth:`get`.
         """
-        if self._box.closed:
+        with self._loop._lock:
             self._loop.subscriptions.discard(self)
+        if self._box.closed:
             return
         self._box.close()
-        self._loop.subscriptions.discard(self)
         if self._loop.closing:
             return
         services = self._loop.opened.result()
@@ -740,6 +729,9 @@ class Rig:
     _loop: _Loop
     name: str
     """The rig's name in its Services."""
+
+    def __init__(self) -> None:
+        raise TypeError('a Rig comes from its blocking Services: rigs["video"]')
 
     @classmethod
     def _create(cls, loop: _Loop, name: str) -> Rig:
@@ -902,6 +894,9 @@ class Services(Mapping[str, Rig]):
     _services: AsyncServices
     _rigs: dict[str, Rig]
 
+    def __init__(self) -> None:
+        raise TypeError("open a blocking Services with blocking.Services.open(rigs)")
+
     @classmethod
     def _create(cls, loop: _Loop, services: AsyncServices) -> Services:
         self = object.__new__(cls)
@@ -1025,11 +1020,12 @@ class Services(Mapping[str, Rig]):
         """Cancel the calls in flight, end every subscription, close the endpoints,
         and stop the event loop and callback threads.
 
-        Idempotent, and safe from any thread: from a callback run in the
-        facade's callback thread it returns at once and that thread ends after
-        the callback; from any other thread it returns once both threads have
-        ended. Waits for a callback that is running to return. Callbacks not
-        yet started are dropped.
+        Idempotent, and safe from any thread (also after a call interrupted
+        by Ctrl-C): it returns once both threads have ended; called from a
+        callback in the facade's callback thread, once the event loop thread
+        has ended (the callback thread ends after that callback). It waits
+        for a callback that is running to return; callbacks not yet started
+        are dropped.
         """
         self._loop.close()
 
@@ -1063,7 +1059,8 @@ class Services(Mapping[str, Rig]):
         time in the order the messages arrived, unless ``executor`` is given:
         then ``executor.submit(...)`` is called for each message (a
         ``ThreadPoolExecutor``, or an Executor of yours whose ``submit`` hands
-        the function to your GUI thread; ``submit`` must not run it at once).
+        the function to your GUI thread; ``submit`` is called in the event loop
+        thread, so it must return at once, and must not run the function itself).
         Never in the event loop thread, so a callback may block and may call
         this Services. While a callback runs, messages for the callback
         thread wait (1,024 at most; more are dropped with a warning).
@@ -1096,9 +1093,7 @@ class Services(Mapping[str, Rig]):
 
         def register() -> None:
             for name, rig in self._services.items():
-                forward = _Forward(
-                    callback, self._rigs[name] if return_service else None, deliver, set(codes)
-                )
+                forward = _Forward(callback, self._rigs[name], return_service, deliver, set(codes))
                 rig.assign_callback(event, forward)
                 loop.forwards.setdefault(name, []).append(forward)
 
