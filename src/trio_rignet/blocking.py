@@ -76,9 +76,9 @@ BACKENDS = ("trio", "asyncio")
 MAX_PENDING_CALLBACKS = 1024
 """Callbacks waiting for the callback thread; beyond it, new ones are dropped with a warning."""
 
-# Waits in the main thread are cut into slices on Windows, where a lock wait
-# without a timeout cannot be interrupted by Ctrl-C; elsewhere a wait is
-# interrupted by a signal and needs no slicing. Only the main thread receives
+# Waits in the main thread are cut into slices on Windows, where Ctrl-C does not
+# interrupt a lock wait without a timeout on every Python version; elsewhere a
+# signal interrupts the wait, which needs no slicing. Only the main thread receives
 # signals. A slice ends early as soon as what is awaited happens.
 _MAIN_THREAD_SLICE: float | None = 0.1 if sys.platform == "win32" else None
 
@@ -520,7 +520,7 @@ class _Loop:
             )
         except RuntimeError:  # the portal stopped meanwhile (closed)
             if self.closing or self.done.done():
-                raise self._ended_error(what) from None
+                raise self._ended_error(what) from self.reason
             raise
         try:
             _wait_any(future, self.done)
