@@ -114,7 +114,8 @@ def serve(
     with ExitStack() as stack:
         uris = {}
         for name, handlers in rigs.items():
-            rig = RigService("udp://127.0.0.1:0", dict(handlers), name=name)
+            events: dict[Any, Handler] = dict(handlers)
+            rig = RigService("udp://127.0.0.1:0", events, name=name)
             stack.enter_context(loop.wrap_async_context_manager(rig))
             uris[name] = rig.local_uri
         yield uris
@@ -197,7 +198,7 @@ def test_signals_return_what_the_async_api_returns(
             "ephys": ["did EXPINTERRUPT"],
         }
         assert rigs.cleanup() == {"video": ["did EXPCLEANUP"], "ephys": ["did EXPCLEANUP"]}
-        assert rigs.alyx(FakeAlyx()) is None
+        rigs.alyx(FakeAlyx())  # echo-confirmed by every rig, no completion
         assert rigs.is_connected
         assert {name: s.last_error for name, s in rigs.state.items()} == {
             "video": None,
