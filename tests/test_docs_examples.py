@@ -87,6 +87,29 @@ EXPECTED: dict[str, list[str]] = {
         "cleanup: {'video': [None]}",
         "heartbeat ran meanwhile: True",
     ],
+    "blocking_auxiliaries.py": [
+        "info: {'cameras': [0, 'EXPINFO done'], 'timeline': [0, 'EXPINFO done']}",
+        "init: {'cameras': ['EXPINIT done'], 'timeline': ['EXPINIT done']}",
+        "cameras started",
+        "timeline started",
+        "start: {'cameras': ['2024-01-01_1_mouse1', 'EXPSTART done'], "
+        "'timeline': ['2024-01-01_1_mouse1', 'EXPSTART done']}",
+        "stop: {'cameras': ['EXPEND done'], 'timeline': ['EXPEND done']}",
+        "status: {'cameras': [20], 'timeline': [20]}",
+        "cleanup failed on timeline: RemoteError",
+        "cleanup done on: {'cameras': ['EXPCLEANUP done']}",
+        "threads left: []",
+    ],
+    "blocking_threads.py": [
+        "start: {'behaviour': ['2024-01-01_1_mouse1', 'task started'], "
+        "'video': ['2024-01-01_1_mouse1', None]}",
+        "behaviour reports RUNNING",
+        "then: no message within 0.2 s",
+        "init: no completion within 0.1 s; cancelled",
+        "gui thread: video stopped",
+        "gui thread: behaviour stopped",
+        "init: EndpointClosed: init: the blocking Services is closed",
+    ],
     "reliable_options.py": [
         "{'video': ['ready']}",
         "retransmits: 0",

@@ -2,11 +2,12 @@
 
 A structured-concurrency (Trio / AnyIO) port of ``iblutil.io.net``, wire
 compatible with it. Public names are re-exported here; every other module is
-private.
+private, except :mod:`trio_rignet.blocking`, the facade for synchronous code.
 """
 
 from __future__ import annotations
 
+from . import blocking
 from ._calls import Call, result_of, run_calls
 from ._echo import EchoProtocol, EchoStats, EndpointOptions
 from ._errors import (
@@ -72,6 +73,7 @@ __all__ = [
     "ServicesError",
     "StreamDecoder",
     "__version__",
+    "blocking",
     "decode",
     "encode",
     "format_exp_ref",
