@@ -41,7 +41,7 @@ WAIT = 5.0
 @pytest.fixture
 def anyio_backend() -> object:
     """asyncio only (iblutil's API is asyncio's), under ProactorEventLoop's rules."""
-    from conftest import proactor_loop
+    from tests.conftest import proactor_loop
 
     return ("asyncio", {"loop_factory": proactor_loop})
 
@@ -988,7 +988,7 @@ async def test_iblrig_scripts_run_unchanged(scheme: str) -> None:
             uris[name] = f"{scheme}://{LOOPBACK}:{s.getsockname()[1]}"
     sessions = [camera_rig.CameraSessionNetworked(name) for name in uris]
     runs = [asyncio.ensure_future(session.run(uris[session.name])) for session in sessions]
-    await until(lambda: all(session.is_connected for session in sessions))
+    await until(lambda: all(session.is_listening for session in sessions))
     exp_ref = "2024-01-01_1_mouse"
     # The main PC runs its own loop in its own thread, as iblrig's does.
     results = await asyncio.to_thread(main_pc.run_experiment, uris, exp_ref, WAIT)

@@ -33,7 +33,16 @@ class CameraSessionNetworked:
 
     @property
     def is_connected(self):
-        return bool(self.communicator and self.communicator.is_connected)
+        """True until the communicator is closed.
+
+        (iblrig tests ``communicator.is_connected``, which iblutil's TCP server
+        only reports once a client has connected.)
+        """
+        return bool(self.communicator and not self.communicator.on_connection_lost.done())
+
+    @property
+    def is_listening(self):
+        return self.communicator is not None
 
     async def listen(self, service_uri):
         self.communicator = await net.app.EchoProtocol.server(service_uri, name=self.name)
