@@ -413,6 +413,72 @@ async def test_on_event_cancelled_leaves_nothing_behind(scheme: str, log: loggin
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
+async def test_await_after_send_gets_an_instant_reply(scheme: str, log: logging.Logger) -> None:
+    """``await com.init()`` then ``await com.on_event("EXPINIT")`` (iblutil's documented
+    example) gets the completion even when it arrives right behind the echo, before the
+    ``on_event`` call: iblutil drops such a message (no callback yet)."""
+    async with rignet_server(scheme) as peer:
+
+        def complete_at_once(msg: Message) -> None:  # runs right after the echo went out
+            peer.send_nowait([1, {"done": msg.data[0]}], msg.addr)
+
+        peer.assign_callback("init", complete_at_once)
+        com = await app.EchoProtocol.client(uri_of(peer), log=log)
+        try:
+            for i in range(30):
+                await com.init(i)
+                data, addr = await asyncio.wait_for(com.on_event("EXPINIT"), WAIT)
+                assert data == [{"done": i}]
+                assert addr == peer.local_address
+        finally:
+            com.close()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+async def test_a_loop_that_awaits_each_message_misses_none(
+    scheme: str, log: logging.Logger
+) -> None:
+    """iblrig's camera loop: ``on_event(ExpMessage.any())`` again after handling each message;
+    messages that arrive while it is busy are not lost."""
+    async with link(scheme, log) as (com, peer, addr):
+        got: list[Any] = []
+
+        async def loop() -> None:
+            while len(got) < 6:
+                data, _, event = await com.on_event(base.ExpMessage.any())
+                got.append((int(event), data))
+                await asyncio.sleep(0.01)  # busy handling it (iblrig: starting the cameras)
+
+        task = asyncio.ensure_future(loop())
+        await asyncio.sleep(0.01)
+        for code in (1, 32, 2, 32, 4, 8):
+            await peer.send([code, code], addr)
+        await asyncio.wait_for(task, WAIT)
+        assert got == [(code, [code]) for code in (1, 32, 2, 32, 4, 8)]
+
+
+async def test_only_expected_replies_are_kept(
+    log: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with link("udp", log) as (com, peer, addr):
+        # Nothing sent or awaited for EXPINFO: a message now is not kept (on_event waits for
+        # the next one, as iblutil's).
+        await peer.confirmed_send([64, 0, "early"], addr)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(com.on_event("EXPINFO"), 0.05)
+        # A reply kept too long is dropped.
+        monkeypatch.setattr(app, "_KEEP_FOR", 0.05)
+        waiter = asyncio.ensure_future(com.on_event("EXPSTART"))
+        await asyncio.sleep(0)
+        await peer.confirmed_send([2, "a", None], addr)
+        assert (await asyncio.wait_for(waiter, WAIT))[0] == ["a", None]
+        await peer.confirmed_send([2, "b", None], addr)  # kept for 0.05 s
+        await asyncio.sleep(0.1)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(com.on_event("EXPSTART"), 0.05)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
 async def test_failing_callback_reports_and_the_rest_still_run(
     scheme: str, log: logging.Logger, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -32,9 +32,10 @@ import importlib
 import inspect
 import json
 import logging
+import re
 import sys
 from asyncio import isfuture
-from collections import UserDict
+from collections import UserDict, deque
 from collections.abc import Awaitable, Iterator
 from functools import partial
 from types import MappingProxyType
@@ -71,6 +72,11 @@ _LOG_COLORS = {
     "CRITICAL": "bold_purple",
 }
 _CLOSED = "Close called on communicator"
+_KEEP_FOR = 10.0
+"""Seconds an unawaited reply is kept for the next ``on_event`` (Services' default timeout)."""
+_KEEP_MAX = 16
+"""Replies kept per event, at most (the oldest are dropped)."""
+_EVENT_CODE = re.compile(rb"^\s*\[\s*(\d+)")
 _HOSTS: set[asyncio.Task[None]] = set()
 """Every running host task (asyncio keeps only weak references to tasks)."""
 
@@ -247,6 +253,9 @@ class EchoProtocol(base.Communicator):
         self._stop: asyncio.Future[None] | None = None
         self._closed = False
         self._tasks: set[asyncio.Future[Any]] = set()
+        # Replies nobody awaited yet (see on_event): event -> deadline to keep them, and them.
+        self._expect: dict[int, float] = {}
+        self._kept: dict[int, deque[tuple[float, list[Any], Any]]] = {}
         self.role = role
         loop = asyncio.get_running_loop()
         self.on_connection_lost: asyncio.Future[Any] = loop.create_future()
@@ -578,8 +587,13 @@ class EchoProtocol(base.Communicator):
         if not (timeout := timeout or self.default_echo_timeout) > 0:
             raise ValueError("Timeout must be non-zero number")
         target = _canonical_peer(addr) if self.role == "server" else None
+        payload = self.encode(data)
+        if match := _EVENT_CODE.match(payload):  # a reply to this may come before on_event
+            code = int(match.group(1))
+            self._kept.pop(code, None)
+            self._expect[code] = asyncio.get_running_loop().time() + _KEEP_FOR
         try:
-            await endpoint.confirmed_send(self.encode(data), target, timeout=timeout)
+            await endpoint.confirmed_send(payload, target, timeout=timeout)
         except RignetError as exc:
             self._raise_send_error(exc)
         self.logger.info("Confirmation received")
@@ -597,6 +611,45 @@ class EchoProtocol(base.Communicator):
             raise _Closed(f"{self.name}: the communicator is closed ({self.server_uri})") from exc
         raise exc
 
+    async def on_event(self, event: Any) -> Any:
+        """Wait for the next message of ``event``; return ``(data, addr)``.
+
+        For a combination of events, ``(data, addr, event)``::
+
+            data, addr = await com.on_event("EXPSTART")
+            data, addr, event = await com.on_event(ExpMessage.EXPEND | ExpMessage.EXPINTERRUPT)
+
+        A reply is not missed for arriving before this call: a message of
+        ``event`` that came while no ``on_event`` awaited it, within 10 s after
+        this communicator sent a message of that event or after an
+        ``on_event`` for it returned, is returned at once (oldest first). So
+        ``await com.init()`` then ``await com.on_event("EXPINIT")`` gets the
+        rig's completion however fast it came, and a loop that awaits
+        ``on_event`` again after handling each message misses none.
+
+        Raises:
+            asyncio.CancelledError: the communicator was closed meanwhile.
+        """
+        event = base.ExpMessage.validate(event)
+        codes = [int(e) for e in event] if event else [0]
+        now = asyncio.get_running_loop().time()
+        oldest: tuple[float, int] | None = None
+        for code in codes:
+            kept = self._kept.get(code)
+            while kept and kept[0][0] + _KEEP_FOR <= now:
+                kept.popleft()
+            if kept and (oldest is None or kept[0][0] < oldest[0]):
+                oldest = (kept[0][0], code)
+        if oldest is None:
+            return await super().on_event(event)
+        _, code = oldest
+        _, data, addr = self._kept[code].popleft()
+        for waited in codes:
+            self._expect[waited] = now + _KEEP_FOR
+        if event not in base.ExpMessage:  # a combination: the event too, as iblutil
+            return data, addr, base.ExpMessage(code)
+        return data, addr
+
     # -------------------------------------------------------------- close
 
     def close(self) -> None:
@@ -612,6 +665,8 @@ class EchoProtocol(base.Communicator):
         if stop is not None and not stop.done():
             stop.set_result(None)
         super().close()  # Deregister callbacks, cancel event futures
+        self._kept.clear()
+        self._expect.clear()
         for task in list(self._tasks):
             task.cancel()
         if self.on_error_received and not self.on_error_received.done():
@@ -647,10 +702,12 @@ class EchoProtocol(base.Communicator):
                 port,
                 err,
             )
+        self._keep(code, data, addr)
         if not self._callbacks.get(event):
             self.logger.debug("No callbacks to execute for event %s", event.name)
             return
         reported = False
+        now = asyncio.get_running_loop().time()
         for f, return_event in self._callbacks[event].copy():
             args = (data, addr, event) if return_event else (data, addr)
             if isfuture(f):
@@ -659,8 +716,10 @@ class EchoProtocol(base.Communicator):
                 elif not f.cancelled():
                     f.set_result(args)
                 self.clear_callbacks(event, f)  # Remove future from list
-                if return_event:  # and from the other events it waits for
-                    self._forget(base.ExpMessage.any(), f)
+                # ... and from the other events it waited for; expect more of them
+                waited = [code, *self._forget(base.ExpMessage.any(), f)] if return_event else [code]
+                for evt in waited:
+                    self._expect[evt] = now + _KEEP_FOR
                 continue
             try:
                 result = f(*args)
@@ -672,6 +731,17 @@ class EchoProtocol(base.Communicator):
                 continue
             if inspect.isawaitable(result):
                 self._spawn(result, f, event, msg)
+
+    def _keep(self, code: int, data: list[Any], addr: Any) -> None:
+        """Keep a message nobody awaits, if a reply of its event is expected (see on_event)."""
+        if not code or self._expect.get(code, 0.0) <= asyncio.get_running_loop().time():
+            return
+        if any(isfuture(f) and not f.done() for f, _ in self._callbacks.get(code, ())):
+            return  # an on_event gets it now
+        kept = self._kept.get(code)
+        if kept is None:
+            kept = self._kept[code] = deque(maxlen=_KEEP_MAX)
+        kept.append((asyncio.get_running_loop().time(), data, addr))
 
     def _spawn(self, awaitable: Awaitable[Any], f: Any, event: int, msg: Message) -> None:
         """Run an async callback's coroutine as a task; report its failure like a plain one's."""

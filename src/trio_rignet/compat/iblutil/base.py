@@ -330,9 +330,17 @@ class Communicator(Service):
             if fut.cancelled():  # awaiting task cancelled: do not leave the future registered
                 self._forget(event, fut)
 
-    def _forget(self, event: Any, fut: asyncio.Future[Any]) -> None:
-        for evt in ExpMessage.validate(event):
-            self._callbacks[evt] = [x for x in self._callbacks.get(evt, []) if x[0] is not fut]
+    def _forget(self, event: Any, fut: Any) -> list[int]:
+        """Remove ``fut`` from the events of ``event``; return the events it was waiting for."""
+        event = ExpMessage.validate(event)
+        removed = []
+        for evt in list(event) if event else [0]:
+            callbacks = self._callbacks.get(evt, [])
+            kept = [x for x in callbacks if x[0] is not fut]
+            if len(kept) != len(callbacks):
+                self._callbacks[evt] = kept
+                removed.append(int(evt))
+        return removed
 
     @property
     def port(self) -> int:
