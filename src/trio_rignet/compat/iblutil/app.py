@@ -388,7 +388,7 @@ class EchoProtocol(base.Communicator):
 
     @property
     def role(self) -> str:
-        """``"client"`` or ``"server"``: set once, when created."""
+        """The communicator's role, ``"client"`` or ``"server"``, set once when created."""
         return self._role  # type: ignore[return-value]
 
     @role.setter
@@ -401,8 +401,8 @@ class EchoProtocol(base.Communicator):
 
     @property
     def is_connected(self) -> bool:
-        """True while open (a TCP client: while its connection is up; a TCP server:
-        while it listens)."""
+        """True while the communicator is open (and, for a TCP client, connected; a
+        TCP server is connected while it listens)."""
         endpoint = self._endpoint
         return not self._closed and endpoint is not None and endpoint.is_connected
 
