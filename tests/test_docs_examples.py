@@ -110,6 +110,15 @@ EXPECTED: dict[str, list[str]] = {
         "gui thread: behaviour stopped",
         "init: EndpointClosed: init: the blocking Services is closed",
     ],
+    "compat_change_one_import.py": [
+        "init: {'video': ['video did EXPINIT'], 'ephys': ['ephys did EXPINIT']}",
+        "start: {'video': ['2024-01-01_1_mouse1', 'video did EXPSTART'], "
+        "'ephys': ['2024-01-01_1_mouse1', 'ephys did EXPSTART']}",
+        "stop: {'video': ['video did EXPEND'], 'ephys': ['ephys did EXPEND']}",
+        "cleanup: {'video': ['video did EXPCLEANUP'], 'ephys': ['ephys did EXPCLEANUP']}",
+        "TimeoutError: Failed to receive client response in time",
+        "still open: True",
+    ],
     "reliable_options.py": [
         "{'video': ['ready']}",
         "retransmits: 0",

@@ -12,6 +12,7 @@ writes go through the same :class:`~._outbox.Outbox` rules as on Trio, with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from typing import Any
@@ -303,6 +304,15 @@ class TCPTransport(TCPBase):
             transport.write(data)
             return len(data)
 
+        # Nagle off on every connection, as on Trio. asyncio sets TCP_NODELAY only on
+        # sockets whose proto is IPPROTO_TCP, which excludes the connections a
+        # listener made with proto 0 accepts: a rig's completion update written just
+        # after its echo then waited for the main PC's delayed ACK (40 ms on Linux,
+        # up to 200 ms on Windows) on every signal.
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Pause as soon as anything is buffered (high water 0): then at most one
         # message is inside asyncio's buffer, and a send cancelled while part of it
         # is still there can be told apart (and its connection closed), as on Trio.
