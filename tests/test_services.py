@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 from collections import Counter
 from collections.abc import (
     AsyncIterator,
@@ -238,10 +239,10 @@ class BurstRig:
 
     ``signals`` holds every signal as received (trio-rignet tags included).
 
-    Both datagrams are queued before the endpoint's receive task runs again, so
-    the endpoint handles the completion right after the echo without the
-    sender's task running in between: a completion wait registered only after
-    the echo (iblutil's sequential ``Services``) misses it.
+    The two datagrams leave back to back, usually before the endpoint's receive
+    task runs again, so the endpoint handles the completion right after the echo
+    without the sender's task running in between: a completion wait registered
+    only after the echo (iblutil's sequential ``Services``) misses it.
     """
 
     def __init__(self, sock: socket.socket, reply: Callable[[bytes], bytes | None]) -> None:
@@ -252,10 +253,15 @@ class BurstRig:
         self.signals: list[bytes] = []
         self._unconfirmed: Counter[bytes] = Counter()
 
-    async def serve(self) -> None:
-        while True:
-            await anyio.wait_readable(self.sock)
-            data, addr = self.sock.recvfrom(65536)
+    def serve(self, stop: threading.Event) -> None:
+        """Answer until ``stop`` is set (in a thread of its own: raw sockets need no event
+        loop, which keeps this rig the same on every backend and AnyIO version)."""
+        self.sock.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                data, addr = self.sock.recvfrom(65536)
+            except TimeoutError:
+                continue
             if self._unconfirmed[data]:
                 self._unconfirmed[data] -= 1  # the echo of one of our completions
                 continue
@@ -283,14 +289,18 @@ async def burst_rigs(count: int) -> AsyncIterator[list[BurstRig]]:
         rigs = []
         for _ in range(count):
             sock = sockets.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-            sock.setblocking(False)
             sock.bind((LOCALHOST, 0))
             rigs.append(BurstRig(sock, same_bytes))
-        async with anyio.create_task_group() as tg:
-            for rig in rigs:
-                tg.start_soon(rig.serve)
+        stop = threading.Event()
+        threads = [threading.Thread(target=rig.serve, args=(stop,), daemon=True) for rig in rigs]
+        for thread in threads:
+            thread.start()
+        try:
             yield rigs
-            tg.cancel_scope.cancel()
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
 
 
 # ------------------------------------------------------------------ every signal, in order
