@@ -30,7 +30,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests.simnet import CoreNode, IblutilNode, Net, Node, Sim, identity
 
-from trio_rignet._core import Outcome
+from trio_rignet._core import EchoCore, Limits, Outcome, Received
+from trio_rignet._tag import Tagger
 
 PAYLOADS = [
     b"[1, null]",
@@ -346,3 +347,27 @@ def test_duplicated_echo_to_an_iblutil_peer_is_cut() -> None:
     assert not sim._heap
     assert main.c.stats.bounces >= 1
     assert sim.log.transmissions < 2000
+
+
+def test_a_message_whose_copies_were_lost_past_the_window_is_still_new() -> None:
+    """Rule 3 at its edges, with small tables: a message first received after more than
+    a window of newer ones is new (it cannot have been dispatched); repeats stay repeats;
+    once the recent table has forgotten numbers, anything below them is dropped."""
+    limits = Limits(window=8, recent=16)
+    rig = EchoCore(stream=False, session=1, limits=limits)
+    sender = Tagger(7)
+    peer = ("10.0.0.1", 11001)
+
+    def arrive(seq: int) -> Received:
+        return rig.receive(peer, sender.tag(b"[1, %d]" % seq, seq & 0xFFFFFFFF, None), 0.0)[0]
+
+    assert [arrive(seq) for seq in range(1, 13) if seq != 2] == [Received.NEW] * 11
+    assert arrive(2) is Received.NEW  # 10 behind the window's top: never seen, new
+    assert arrive(2) is Received.DUPLICATE  # and now remembered
+    assert arrive(12) is Received.DUPLICATE
+    for seq in range(13, 40):  # the recent table (16) forgets 1..23
+        assert arrive(seq) is Received.NEW
+    assert arrive(3) is Received.STALE  # may have been dispatched: dropped
+    assert arrive(30) is Received.DUPLICATE  # within the window
+    # A peer that forgot us restarts its numbers far away: new messages again.
+    assert arrive(39 - (1 << 20)) is Received.NEW

@@ -69,11 +69,13 @@ async def test_reliable_udp_loses_nothing_and_dispatches_once() -> None:
     spurious: list[Message] = []
     # Only the sender needs reliable=True (retransmission): the receiver always echoes a
     # repeat of a trio-rignet peer's message again without dispatching it again.
-    async with EchoProtocol.server("udp://127.0.0.1:0", echo_timeout=10) as rig:
+    # Echo timeouts far beyond any retransmission schedule: a loaded machine (debug
+    # mode, coverage, two cores) slows every round trip, and the test is about losses.
+    async with EchoProtocol.server("udp://127.0.0.1:0", echo_timeout=30) as rig:
         rig.assign_callback("info", lambda msg: dispatched.update([msg.data[1]]))
         async with (
             _through_relay(rig.local_address, up, down) as relay,
-            EchoProtocol.client(_uri("udp", relay), reliable=True, echo_timeout=10) as main,
+            EchoProtocol.client(_uri("udp", relay), reliable=True, echo_timeout=30) as main,
         ):
             main.assign_callback(ExpMessage.any(), spurious.append)
 

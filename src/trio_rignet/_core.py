@@ -23,10 +23,16 @@ The rules (the reliability page of the docs states them for users):
 3. **A peer's message is echoed every time it arrives, dispatched once.**
    Messages tagged by a trio-rignet peer are deduplicated per (peer, session)
    with a sliding window of sequence numbers: a retransmission is echoed again
-   (at most :attr:`Limits.reechoes` times) but not dispatched again; one older
-   than the window is dropped. Messages without a tag (iblutil peers) are
-   each a new message, as in iblutil: an iblutil peer that sends the same
-   bytes twice means it twice.
+   (at most :attr:`Limits.reechoes` times) but not dispatched again. One older
+   than the window is a repeat if the recent table remembers it, new if it
+   cannot have been received (it is above every number the table has
+   forgotten of that session), and otherwise dropped. A number more than
+   65,536 behind is a counter drawn anew (a peer that forgot us starts from a
+   random number), so it opens a new window. Messages without a tag (iblutil
+   peers) are each a new message, as in iblutil: an iblutil peer that sends
+   the same bytes twice means it twice.
+4. **Every confirmed send ends exactly once**: confirmed, timed out, peer
+   unavailable, endpoint closed, or cancelled (:class:`Outcome`).
 5. **An echo ping-pong with an untagged peer is cut.** iblutil echoes any
    message it is not waiting for, our echoes included (after a duplicated
    datagram, or its own unconfirmed ``send()``), and such a bounce looks
@@ -39,8 +45,6 @@ The rules (the reliability page of the docs states them for users):
    a peer must repeat itself that fast, 32 times in a row, to be mistaken
    for a bounce. Messages trio-rignet originates never bounce at all
    (rules 1-2), whatever the delays.
-4. **Every confirmed send ends exactly once**: confirmed, timed out, peer
-   unavailable, endpoint closed, or cancelled (:class:`Outcome`).
 
 Every table is bounded by a number of entries of bounded size (peer keys,
 integers, digests: never a received payload), so memory stays bounded in
@@ -71,6 +75,9 @@ Address = tuple[str, int]
 _WHITESPACE = b" \t\r\n"
 _MASK32 = 0xFFFFFFFF
 _RTO_MIN = 0.01
+_RESTARTED = 1 << 16
+"""A peer's sequence number this far behind its window is a counter drawn anew (the peer
+forgot us), not a repeat: no message is repeated after 65,536 newer ones."""
 
 
 class Outcome(enum.IntEnum):
@@ -204,14 +211,15 @@ class _Bounded(Generic[_K, _V]):
     def get(self, key: _K) -> _V | None:
         return self._data.get(key)
 
-    def put(self, key: _K, value: _V) -> None:
-        """Set ``key`` and make it the most recent."""
+    def put(self, key: _K, value: _V) -> _K | None:
+        """Set ``key`` and make it the most recent; the key dropped to make room, if any."""
         data = self._data
         data[key] = value
         data.move_to_end(key)
         if len(data) > self.capacity:
-            data.popitem(last=False)
             self.evicted += 1
+            return data.popitem(last=False)[0]
+        return None
 
     def touch(self, key: _K, value: _V) -> None:
         """Make ``key`` the most recent, setting it to ``value`` if absent."""
@@ -328,7 +336,9 @@ class EchoCore:
         self._peers: _Bounded[Address, _Peer] = _Bounded(limits.peers)
         self._verified: _Bounded[Address, bool] = _Bounded(limits.peers)
         # (peer, session) -> [highest seq, bitmap of seen seqs below it]
-        self._windows: _Bounded[tuple[Address, int], list[int]] = _Bounded(limits.sessions)
+        # (peer, session) -> [highest seq, bitmap of the window below it, floor]:
+        # floor is one past the highest seq forgotten from ``_recent`` (None: none).
+        self._windows: _Bounded[tuple[Address, int], list[Any]] = _Bounded(limits.sessions)
         # (peer, session, seq) -> echoes left for repeats of that message
         self._recent: _Bounded[tuple[Address, int, int], int] = _Bounded(limits.recent)
         self._keys: _Bounded[tuple[Any, ...], Address] = _Bounded(limits.peers)
@@ -639,24 +649,41 @@ class EchoCore:
         key = (peer, session)
         window = self._windows.get(key)
         size = self.limits.window
+        message = (peer, session, seq)
         if window is None:
-            self._windows.put(key, [seq, 1])
+            self._windows.put(key, [seq, 1, None])
         else:
-            high, seen = window
+            high, seen, floor = window
             ahead = (seq - high) & _MASK32
+            behind = (high - seq) & _MASK32
             if ahead and ahead < 1 << 31:  # newer than any seen: slide the window
                 window[0] = seq
-                window[1] = ((seen << ahead) | 1) & ((1 << size) - 1)
-            else:
-                behind = (high - seq) & _MASK32
-                if behind >= size:
-                    # Older than the window: a repeat if still remembered, else too old.
-                    return self._repeat((peer, session, seq))
+                window[1] = ((seen << ahead) | 1) & ((1 << size) - 1) if ahead < size else 1
+            elif behind >= _RESTARTED:
+                # Far behind: the peer forgot us and drew a new random first number
+                # (its table of peers overflowed), not a repeat of that long ago.
+                window[0] = seq
+                window[1] = 1
+                window[2] = None
+            elif behind < size:
                 if seen >> behind & 1:
-                    return self._repeat((peer, session, seq))
+                    return self._repeat(message)
                 window[1] = seen | 1 << behind
+            elif message in self._recent:
+                return self._repeat(message)  # older than the window, still remembered
+            elif floor is not None and (seq - floor) & _MASK32 >= 1 << 31:
+                # Below every number forgotten from the recent table: it may have
+                # been received and dispatched, so it is neither echoed nor dispatched.
+                self.stats.stale += 1
+                return Received.STALE
+            # else: older than the window but never received (every copy so far
+            # was lost): a new message.
             self._windows.touch(key, window)
-        self._recent.put((peer, session, seq), self.limits.reechoes)
+        forgotten = self._recent.put(message, self.limits.reechoes)
+        if forgotten is not None:
+            old = self._windows.get((forgotten[0], forgotten[1]))
+            if old is not None and (old[2] is None or (forgotten[2] - old[2]) & _MASK32 < 1 << 31):
+                old[2] = (forgotten[2] + 1) & _MASK32
         return None
 
     def _repeat(self, key: tuple[Address, int, int]) -> Received:
