@@ -17,7 +17,7 @@ Configuration (a JSON object)::
                "client" (each endpoint talks to its "target" URI)
     scheme     "udp" or "ws" (iblutil's plain TCP)
     endpoints  [{"name": "rig0", "target": "udp://127.0.0.1:PORT" (client only),
-                 "answer": false, "raise_on": [event codes]}, ...]
+                 "answer": false, "raise_on": [event codes], "record_raw": false}, ...]
     services   true: also build an iblutil ``Services`` over the endpoints, named
                "services" in commands
     services_timeout  Services' completion timeout in seconds (default 10)
@@ -26,6 +26,8 @@ Configuration (a JSON object)::
 with its own communicator method (``await com.init(...)``), carrying
 ``{"rig": name, "got": <data received>}``: a rig that completes at once.
 ``raise_on``: the endpoint's callback for these events raises ``ValueError``.
+``record_raw``: record every chunk of bytes the endpoint's protocol receives (a
+datagram, or what one TCP read returned), before iblutil sees it.
 
 Records (JSON objects, key "type"):
 
@@ -33,6 +35,7 @@ Records (JSON objects, key "type"):
     recv       {"ep", "event", "data", "addr"}: a callback saw a message
                (event 0 is an error report from the other side)
     confirmed  {"ep", "event"}: a confirmed send of the endpoint got its echo
+    raw        {"ep", "data" (base64), "addr"}: bytes received (``record_raw``)
     answered   {"ep", "event", "error"}: an ``answer`` completion finished
                (error is null or "Type: text")
     log        {"logger", "level", "msg"}: an iblutil log record, WARNING and up
@@ -55,6 +58,7 @@ and echo back forever).
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 import json
 import logging
@@ -204,8 +208,12 @@ class IblHarness:
         com.confirmed_send = confirmed_send  # type: ignore[method-assign]
 
         original_receive = com._receive
+        record_raw = bool(spec.get("record_raw"))
 
         def receive(data: bytes, addr: Any) -> None:
+            if record_raw:
+                encoded = base64.b64encode(data).decode()
+                self.emit({"type": "raw", "ep": name, "data": encoded, "addr": list(addr[:2])})
             swallow = self._swallow.get(name)
             if swallow is not None and swallow.remaining:
                 if swallow.remaining.startswith(data):
