@@ -9,10 +9,13 @@ test depends on how fast the machine is.
 from __future__ import annotations
 
 import json
+import os
 import re
+import select
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -208,3 +211,42 @@ def test_status_live_snapshots_and_ctrl_c(two_rigs: dict[str, Serve]) -> None:
     assert proc.returncode == 0, err
     assert "\x1b[" not in first + out
     assert "Traceback" not in err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
+def test_status_live_redraws_in_place_on_a_terminal(two_rigs: dict[str, Serve]) -> None:
+    """On a terminal the view is redrawn in place (cursor up, line cleared); Ctrl-C: 0."""
+    import pty
+
+    leader, follower = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TERM")}
+    proc = subprocess.Popen(
+        command("status", *rig_options(two_rigs)), stdout=follower, stderr=follower, env=env
+    )
+    os.close(follower)
+    output = b""
+    try:
+        # Two frames drawn: the second begins by moving up over the first (4 lines).
+        while b"\x1b[4F" not in output:
+            ready, _, _ = select.select([leader], [], [], TIMEOUT)
+            assert ready, output
+            output += os.read(leader, 4096)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(leader)
+    assert b"\x1b[2K" in output
+    assert b"Traceback" not in output
+
+
+def test_status_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["status", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: rignet status")
+    for option in ("--once", "--for", "--trio", "--rigs", "--rig"):
+        assert option in out
