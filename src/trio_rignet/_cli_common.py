@@ -1,6 +1,6 @@
 """What the ``rignet`` commands share: event names, output, logging, failures, options.
 
-Private to the command line (``cli.py``, ``_cli_run.py``); nothing here is
+Private to the command line (``cli.py``, ``_cli_run.py``, ``_cli_status.py``); nothing here is
 public API.
 """
 
@@ -14,16 +14,23 @@ import math
 import os
 import re
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TextIO
+from functools import partial
+from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
+from anyio.abc import TaskStatus
 
 from ._cli_interrupt import Interrupt, signal_name
-from ._errors import EchoTimeout, EndpointClosed, PeerUnavailable, RemoteError
+from ._echo import EchoProtocol, EndpointOptions
+from ._errors import EchoTimeout, EndpointClosed, PeerUnavailable, RemoteError, RignetError
 from ._messages import ExpMessage
-from ._services import CompletionTimeout
+from ._services import CompletionTimeout, Services
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "EVENTS",
@@ -37,6 +44,7 @@ __all__ = [
     "backend_option",
     "describe",
     "json_arg",
+    "open_rigs",
     "run_async",
     "seconds",
     "setup_logging",
@@ -339,3 +347,63 @@ def run_async(
 ) -> tuple[bool, int | None]:
     """Run ``func`` on ``backend``; ``(False, None)`` if a signal cancelled it."""
     return anyio.run(interrupt.run, func, backend=backend)
+
+
+# -------------------------------------------------------------- opening rigs
+
+
+@asynccontextmanager
+async def open_rigs(
+    uris: Mapping[str, str], timeout: float, **options: Unpack[EndpointOptions]
+) -> AsyncIterator[tuple[Services, dict[str, BaseException]]]:
+    """Open a client endpoint per rig, concurrently; yield Services over those that opened.
+
+    Unlike :meth:`Services.open`, a rig that cannot be opened (a TCP rig that
+    refuses or does not answer the connection, a host name that does not
+    resolve) does not fail the others: its error is returned by name. Each
+    rig gets ``timeout`` seconds to connect; ``options`` are the endpoints' options.
+
+    Once open, the endpoints are shielded from the caller's cancellation: after
+    Ctrl-C, ``run`` still uses them to send interrupt; they close when the block
+    exits.
+    """
+    endpoints: dict[str, EchoProtocol] = {}
+    down: dict[str, BaseException] = {}
+    holders: list[anyio.CancelScope] = []
+    closed = anyio.Event()
+
+    async def hold(name: str, uri: str, *, task_status: TaskStatus[None]) -> None:
+        started = False
+        with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
+            holders.append(scope)
+            try:
+                async with EchoProtocol.client(uri, name=name, **options) as rig:
+                    scope.deadline = math.inf
+                    endpoints[name] = rig
+                    started = True
+                    task_status.started()
+                    # If Ctrl-C cancelled the opening meanwhile, Trio leaves this
+                    # task in start()'s cancelled nursery, waiting for it to end:
+                    # end here instead of holding the endpoint shielded forever.
+                    await anyio.lowlevel.checkpoint_if_cancelled()
+                    scope.shield = True
+                    await closed.wait()
+            except (RignetError, OSError, ValueError) as exc:
+                if started:
+                    raise
+                down[name] = exc
+        if scope.cancelled_caught and not started:
+            down[name] = OpenTimeout(timeout)
+        if not started:
+            task_status.started()
+
+    async with anyio.create_task_group() as tg:
+        try:
+            async with anyio.create_task_group() as opener:
+                for name, uri in uris.items():
+                    opener.start_soon(partial(tg.start, hold, name, uri))
+            yield Services({n: endpoints[n] for n in uris if n in endpoints}), down
+        finally:
+            closed.set()
+            for scope in holders:  # any rig still connecting
+                scope.cancel()

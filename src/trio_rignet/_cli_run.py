@@ -11,23 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import anyio
-from anyio.abc import TaskStatus
 
 from ._cli_common import (
     EVENTS,
     UI,
-    OpenTimeout,
     backend_option,
     describe,
     json_arg,
+    open_rigs,
     run_async,
     seconds,
     table,
@@ -36,7 +32,6 @@ from ._cli_common import (
 from ._cli_interrupt import Interrupt
 from ._cli_rigs import rig_options, rigs_from
 from ._echo import EchoProtocol
-from ._errors import RignetError
 from ._messages import Message
 from ._services import Services, ServicesError
 
@@ -162,7 +157,7 @@ class _Run:
             log.info("rig %s at %s", rig.name, rig.uri)
         began = anyio.current_time()
         self.interrupt.note = "while connecting to the rigs"
-        async with _open_rigs({rig.name: rig.uri for rig in self.rigs}, self.timeout) as opened:
+        async with open_rigs({rig.name: rig.uri for rig in self.rigs}, self.timeout) as opened:
             services, down = opened
             for rig in self.rigs:
                 if rig.name in down:
@@ -342,60 +337,3 @@ def _brief(data: Any, limit: int = 60) -> str:
         return ""
     text = json.dumps(data)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-@asynccontextmanager
-async def _open_rigs(
-    uris: Mapping[str, str], timeout: float
-) -> AsyncIterator[tuple[Services, dict[str, BaseException]]]:
-    """Open a client endpoint per rig, concurrently; yield Services over those that opened.
-
-    Unlike :meth:`Services.open`, a rig that cannot be opened (a TCP rig that
-    refuses or does not answer the connection, a host name that does not
-    resolve) does not fail the others: its error is returned by name. Each
-    rig gets ``timeout`` seconds to connect.
-
-    Once open, the endpoints are shielded from the caller's cancellation: after
-    Ctrl-C, ``run`` still uses them to send interrupt; they close when the block
-    exits.
-    """
-    endpoints: dict[str, EchoProtocol] = {}
-    down: dict[str, BaseException] = {}
-    holders: list[anyio.CancelScope] = []
-    closed = anyio.Event()
-
-    async def hold(name: str, uri: str, *, task_status: TaskStatus[None]) -> None:
-        started = False
-        with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
-            holders.append(scope)
-            try:
-                async with EchoProtocol.client(uri, name=name) as rig:
-                    scope.deadline = math.inf
-                    endpoints[name] = rig
-                    started = True
-                    task_status.started()
-                    # If Ctrl-C cancelled the opening meanwhile, Trio leaves this
-                    # task in start()'s cancelled nursery, waiting for it to end:
-                    # end here instead of holding the endpoint shielded forever.
-                    await anyio.lowlevel.checkpoint_if_cancelled()
-                    scope.shield = True
-                    await closed.wait()
-            except (RignetError, OSError, ValueError) as exc:
-                if started:
-                    raise
-                down[name] = exc
-        if scope.cancelled_caught and not started:
-            down[name] = OpenTimeout(timeout)
-        if not started:
-            task_status.started()
-
-    async with anyio.create_task_group() as tg:
-        try:
-            async with anyio.create_task_group() as opener:
-                for name, uri in uris.items():
-                    opener.start_soon(partial(tg.start, hold, name, uri))
-            yield Services({n: endpoints[n] for n in uris if n in endpoints}), down
-        finally:
-            closed.set()
-            for scope in holders:  # any rig still connecting
-                scope.cancel()

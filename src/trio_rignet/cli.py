@@ -4,7 +4,8 @@
 rigs file (iblrig's ``remote_devices.yaml`` or a TOML file) or given with
 ``--rig NAME=URI``; ``rignet demo`` runs a whole experiment against simulated
 rigs in this process; ``rignet serve URI`` runs one simulated auxiliary rig;
-``rignet send URI EVENT`` sends one signal. ``python -m trio_rignet`` is the
+``rignet send URI EVENT`` sends one signal; ``rignet status`` shows each rig's
+state live (or once, with ``--once``). ``python -m trio_rignet`` is the
 same command.
 
 Events have one name everywhere on the command line, in ``serve``'s output and
@@ -45,6 +46,7 @@ from ._cli_common import (
 from ._cli_interrupt import Interrupt, signal_name
 from ._cli_rigs import RigsError, check_uri
 from ._cli_run import add_run_parser
+from ._cli_status import add_status_parser
 from ._echo import EchoProtocol
 from ._errors import RignetError
 from ._messages import ExpMessage, ExpStatus, Message
@@ -120,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Signal experiment rigs over a LAN (trio-rignet, wire-compatible with "
         "iblutil.io.net).",
         epilog="Run `rignet COMMAND -h` for a command's options. Exit statuses: 0 success, "
-        "1 failure, 2 bad arguments, 3 (run) no rig reachable, 130 interrupted (Ctrl-C, SIGTERM).",
+        "1 failure (status: some rig unreachable), 2 bad arguments, 3 (run, status) no rig "
+        "reachable, 130 interrupted (Ctrl-C, SIGTERM).",
     )
     version = f"rignet {__version__} (trio-rignet, Python {sys.version.split()[0]})"
     parser.add_argument("--version", action="version", version=version)
@@ -130,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     add_run_parser(sub)
+    add_status_parser(sub)
 
     demo = sub.add_parser(
         "demo",
