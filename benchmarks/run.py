@@ -25,7 +25,7 @@ seconds with an idle rig and again with a loaded one (60 s each in a full run,
 15 s in a quick one, ``--clock-seconds`` to change it), and killed-rig
 detection; it prints its own tables, "Clock offsets and liveness", and a full
 run saves its plot to ``docs/_static/clock_offset.png`` (``--clock-plot``).
-It adds about 2.5 minutes to a full run.
+It adds about 3 minutes to a full run.
 """
 
 from __future__ import annotations
