@@ -356,7 +356,6 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="save the offset plot here")
     parser.add_argument("--t0", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--busy-thread", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--stepped", action="store_true", help="accepted, ignored")
     args = parser.parse_args()
     if args.mode == "rig":
         rig_main(args)
