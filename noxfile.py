@@ -104,8 +104,8 @@ def interop(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks against iblutil 1.20.0 (opt-in): ``nox -s bench`` or ``nox -s bench -- --quick``.
 
-    Prints the markdown table of docs/performance.md; a full run also saves
-    docs/_static/services_scaling.png. Options after ``--`` go to
+    Prints the markdown tables of docs/performance.md; a full run also saves
+    docs/_static/services_scaling.png and docs/_static/clock_offset.png. Options after ``--`` go to
     benchmarks/run.py (``--help`` lists them).
     """
     # Editable, so a reused environment always measures the working tree (a plain

@@ -1,6 +1,6 @@
 """Benchmark suite: trio-rignet (on Trio and on asyncio) against iblutil 1.20.0.
 
-    python3 -m nox -s bench                  # full run (about 5-10 minutes on 2 cores)
+    python3 -m nox -s bench                  # full run (about 8-13 minutes on 2 cores)
     python3 -m nox -s bench -- --quick       # smoke run (about a minute)
     python benchmarks/run.py --only rtt,floor --reps 3
 
@@ -18,6 +18,14 @@ repetitions, with the range (min-max).
 The markdown table goes to stdout; ``--json`` saves the raw numbers and
 ``--plot`` the Services scaling plot (written to
 ``docs/_static/services_scaling.png`` by a full run).
+
+The ``clock`` section (``clock_accuracy.py``, trio-rignet only, one run) times
+clock-offset estimates against an injected offset and drift for ``clock_s``
+seconds with an idle rig and again with a loaded one (60 s each in a full run,
+15 s in a quick one, ``--clock-seconds`` to change it), and killed-rig
+detection; it prints its own tables, "Clock offsets and liveness", and a full
+run saves its plot to ``docs/_static/clock_offset.png`` (``--clock-plot``).
+It adds about 3 minutes to a full run.
 """
 
 from __future__ import annotations
@@ -40,10 +48,11 @@ from typing import IO, Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_PLOT = ROOT / "docs" / "_static" / "services_scaling.png"
+DEFAULT_CLOCK_PLOT = ROOT / "docs" / "_static" / "clock_offset.png"
 
 LIBS = [("rignet", "trio"), ("rignet", "asyncio"), ("iblutil", "asyncio")]
 COLUMNS = ["trio-rignet (Trio)", "trio-rignet (asyncio)", "iblutil 1.20.0"]
-SECTIONS = ["rtt", "floor", "throughput", "services", "memory"]
+SECTIONS = ["rtt", "floor", "throughput", "services", "memory", "clock"]
 
 
 @dataclass
@@ -58,6 +67,8 @@ class Config:
     memory_n: int = 100_000
     endpoints: int = 128
     relay_ms: float = 1.0
+    clock_s: float = 60.0
+    clock_reps: int = 10
     case_timeout: float = 300.0
 
 
@@ -69,6 +80,8 @@ QUICK = Config(
     services_counts=[1, 8],
     services_min_s=0.05,
     memory_n=10_000,
+    clock_s=15.0,
+    clock_reps=3,
 )
 
 
@@ -176,9 +189,10 @@ class Worker:
 
 
 class Runner:
-    def __init__(self, cfg: Config, verbose: bool = True) -> None:
+    def __init__(self, cfg: Config, verbose: bool = True, clock_plot: Path | None = None) -> None:
         self.cfg = cfg
         self.verbose = verbose
+        self.clock_plot = clock_plot
         self.results: dict[str, Any] = {}
 
     def record(self, key: str, result: dict[str, Any], seconds: float) -> None:
@@ -190,10 +204,11 @@ class Runner:
             status = summary(result) if result.get("ok") else f"FAILS: {result.get('error')}"
             print(f"  {key}: {status} ({result['seconds']} s)", file=sys.stderr, flush=True)
 
-    def case(self, key: str, args: list[str]) -> None:
+    def case(self, key: str, args: list[str], timeout: float | None = None) -> None:
         """One worker run to the end on its own."""
         t0 = time.perf_counter()
-        self.record(key, run_worker(args, self.cfg.case_timeout), time.perf_counter() - t0)
+        result = run_worker(args, timeout or self.cfg.case_timeout)
+        self.record(key, result, time.perf_counter() - t0)
 
     def group(self, cases: list[tuple[str, list[str]]]) -> None:
         """Workers whose figures are compared, with their repetitions interleaved.
@@ -301,6 +316,20 @@ class Runner:
                 cli("memory.py", "endpoints", lib=lib, backend=backend, count=c.endpoints),
             )
 
+    def clock(self) -> None:
+        """Clock offsets of a RigService with an injected clock, killed-rig detection.
+
+        trio-rignet only (iblutil measures neither); one run, no repetitions to
+        interleave. Takes twice ``clock_s`` plus about 3 s per kill.
+        """
+        c = self.cfg
+        plot = None if self.clock_plot is None else self.clock_plot.resolve()
+        self.case(
+            "clock",
+            cli("clock_accuracy.py", seconds=c.clock_s, reps=c.clock_reps, plot=plot),
+            timeout=max(c.case_timeout, 2 * c.clock_s + 10 * c.clock_reps + 120),
+        )
+
 
 def cli(script: str, *positional: str, **options: object) -> list[str]:
     """Command line of a worker: ``cli("x.py", "rtt", n=5)`` is ``x.py rtt --n 5``.
@@ -323,6 +352,12 @@ THROUGHPUT_CASES = [(1, 1), (8, 1), (64, 1), (8, 8), (64, 8)]
 def summary(result: dict[str, Any]) -> str:
     if "values" in result:
         return fmt_stats(result["values"])
+    if "detect" in result:
+        return (
+            f"offset error p99 {fmt_num(result['idle']['err_p99_us'])} µs idle, "
+            f"{fmt_num(result['loaded']['err_p99_us'])} µs loaded; lost after "
+            f"{fmt_num(result['detect']['median_ms'])} ms"
+        )
     return "ok"
 
 
@@ -520,6 +555,65 @@ def memory_rows(t: Table, results: dict[str, Any], cfg: Config) -> None:
     )
 
 
+def build_clock_table(results: dict[str, Any]) -> str:
+    """The "Clock offsets and liveness" tables (empty if not run)."""
+    res = results.get("clock")
+    if res is None:
+        return ""
+    title = "**Clock offsets and liveness** (trio-rignet only)"
+    if not res.get("ok"):
+        return f"{title}: fails ({res.get('error')})"
+    c = res["config"]
+    idle, loaded, detect = res.get("idle"), res.get("loaded"), res.get("detect")
+    out = [
+        f"{title}: a RigService in a subprocess with an injected clock "
+        f"{c['offset_ms']:g} ms ahead and {c['drift_ppm']:g} ppm fast; Services on Trio, "
+        f"heartbeat {c['heartbeat']:g} s; the estimate read every {c['every']:g} s for "
+        f"{c['seconds']:g} s per run, its error taken as `clock.offset_at(now)` minus the "
+        "injected offset at that instant. Loaded: a busy Python thread in the rig process, "
+        f"a process spinning on a CPU, {c['senders']} tasks sending status signals back to "
+        "back. One run.",
+        "",
+        "| figure | idle rig | loaded rig |",
+        "|---|---:|---:|",
+    ]
+
+    def row(label: str, fn: Callable[[dict[str, Any]], str]) -> None:
+        cells = [fn(r) if r else "not run" for r in (idle, loaded)]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    row("offset error, median (µs)", lambda r: fmt_num(r["err_median_us"]))
+    row("offset error, 99th percentile (µs)", lambda r: fmt_num(r["err_p99_us"]))
+    row("offset error, largest (µs)", lambda r: fmt_num(r["err_max_us"]))
+    if (idle or loaded or {}).get("settled_estimates"):
+        settle = f"after the first {c['settle']:g} s"
+        row(f"offset error {settle}, median (µs)", lambda r: fmt_num(r["settled_median_us"]))
+        row(f"offset error {settle}, 99th percentile (µs)", lambda r: fmt_num(r["settled_p99_us"]))
+    row("reported uncertainty, median (µs)", lambda r: fmt_num(r["unc_median_us"]))
+    row("reported uncertainty, 99th percentile (µs)", lambda r: fmt_num(r["unc_p99_us"]))
+    row("estimates whose error is within their uncertainty", lambda r: f"{r['within_unc']:.1%}")
+    row(
+        f"drift at the end (ppm; injected {c['drift_ppm']:g})",
+        lambda r: f"{r['drift_ppm']:.1f}",
+    )
+    row("estimates read / heartbeat exchanges", lambda r: f"{r['estimates']} / {r['exchanges']}")
+    row(
+        "status signals answered (failed) meanwhile",
+        lambda r: f"{r['signals']:,} ({r['signal_failures']})",
+    )
+    if detect:
+        out += [
+            "",
+            f"| killed rig (SIGKILL) until the `lost` change, {len(detect['times_ms'])} kills "
+            f"(ms) | median | min | max | bound: lost_after + heartbeat |",
+            "|---|---:|---:|---:|---:|",
+            f"| lost_after = {c['lost_after']:g} s, heartbeat = {c['heartbeat']:g} s | "
+            f"{fmt_num(detect['median_ms'])} | {fmt_num(detect['min_ms'])} | "
+            f"{fmt_num(detect['max_ms'])} | {(c['lost_after'] + c['heartbeat']) * 1e3:.0f} |",
+        ]
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------ targets
 
 
@@ -623,6 +717,25 @@ def build_targets(results: dict[str, Any], cfg: Config) -> str:
                 f"{objects:+d} gc objects from {half:,} to {cfg.memory_n:,} sends (target flat, "
                 f"taken as < 256 KiB of RSS, < 1 block per 100 messages and < 100 objects: "
                 f"{verdict(flat)})."
+            )
+    clock = results.get("clock")
+    if clock and clock.get("ok"):
+        c = clock["config"]
+        for case in ("idle", "loaded"):
+            if case in clock:
+                p99 = clock[case]["err_p99_us"]
+                out.append(
+                    f"- Clock offset, {case} rig: 99 % of the estimates within "
+                    f"{fmt_num(p99)} µs of the injected offset (target ≤ 2 ms, the tests' "
+                    f"bound: {verdict(p99 <= 2000)})."
+                )
+        if "detect" in clock:
+            d = clock["detect"]
+            bound = (c["lost_after"] + c["heartbeat"]) * 1e3
+            out.append(
+                f"- Killed rig reported lost: median {fmt_num(d['median_ms'])} ms, at most "
+                f"{fmt_num(d['max_ms'])} ms over {len(d['times_ms'])} kills (target ≤ "
+                f"lost_after + one heartbeat = {bound:.0f} ms: {verdict(d['max_ms'] <= bound)})."
             )
     return "\n".join(out)
 
@@ -749,6 +862,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="save raw results here")
     parser.add_argument("--from-json", type=Path, help="print table/plot from saved results")
     parser.add_argument("--plot", type=Path, help="save the Services plot here")
+    parser.add_argument("--clock-plot", type=Path, help="save the clock offset plot here")
+    parser.add_argument("--clock-seconds", type=float, help="length of each clock run, s")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args()
@@ -756,6 +871,8 @@ def main() -> None:
     cfg = QUICK if args.quick else Config()
     if args.reps:
         cfg.reps = args.reps
+    if args.clock_seconds:
+        cfg.clock_s = args.clock_seconds
     if args.counts:
         cfg.services_counts = [int(x) for x in args.counts.split(",")]
     sections = args.only.split(",") if args.only else SECTIONS
@@ -770,7 +887,8 @@ def main() -> None:
         elapsed = saved.get("elapsed_s", 0.0)
     else:
         header = machine()
-        runner = Runner(cfg, verbose=not args.quiet)
+        clock_plot = args.clock_plot or (None if args.quick or args.no_plot else DEFAULT_CLOCK_PLOT)
+        runner = Runner(cfg, verbose=not args.quiet, clock_plot=clock_plot)
         t0 = time.perf_counter()
         for name in SECTIONS:
             if name in sections:
@@ -795,8 +913,12 @@ def main() -> None:
     mode = "quick smoke run" if args.quick else "full run"
     print(f"Benchmarks ({mode}, {cfg.reps} repetitions, median [min-max]; {elapsed:.0f} s)\n")
     print(header + "\n")
-    print(build_table(results, cfg))
-    print()
+    table = build_table(results, cfg)
+    if table.count("\n") > 1:  # more than the header
+        print(table + "\n")
+    clock_table = build_clock_table(results)
+    if clock_table:
+        print(clock_table + "\n")
     print(build_targets(results, cfg))
 
     plot_path = args.plot or (None if args.quick or args.no_plot else DEFAULT_PLOT)

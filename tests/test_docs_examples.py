@@ -123,6 +123,14 @@ EXPECTED: dict[str, list[str]] = {
         "{'video': ['ready']}",
         "retransmits: 0",
     ],
+    "clocks_align.py": [
+        "video up",
+        "offset within 2 ms: True",
+        "frame time within 2 ms: True",
+        "and back: True",
+        "estimates logged: True",
+        "offline within 2 ms: True",
+    ],
     "cli_script.py": [
         'completion: [{"rig": "video", "done": "init"}]',
         "exit status of send init --wait: 0",
