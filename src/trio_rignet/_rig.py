@@ -113,6 +113,7 @@ class RigService:
         self._handlers: dict[int, RigHandler] = {}
         self._endpoint: EchoProtocol | None = None
         self._stack: AsyncExitStack | None = None
+        self._threads: anyio.CapacityLimiter | None = None
         self._running = 0
         self._busy_log = RateLimit()
         if not lost_after > 0:
@@ -206,6 +207,9 @@ class RigService:
                 EchoProtocol.server(self.uri, name=self.name, **self._options) as endpoint,
                 anyio.create_task_group() as tg,
             ):
+                # Threads of its own for plain handlers: AnyIO's default limiter (40
+                # threads, shared with the whole program) would hold some back.
+                self._threads = anyio.CapacityLimiter(self.max_handlers)
                 signals = endpoint.subscription(_SIGNALS, max_buffer=4 * self.max_handlers)
                 tg.start_soon(self._receive, endpoint, signals, tg)
                 tg.start_soon(watch_pings, endpoint, self.lost_after, self._watchers.notify)
@@ -254,7 +258,7 @@ class RigService:
                 if inspect.iscoroutinefunction(handler):
                     result = await handler(msg)
                 else:
-                    result = await anyio.to_thread.run_sync(handler, msg)
+                    result = await anyio.to_thread.run_sync(handler, msg, limiter=self._threads)
                     if inspect.isawaitable(result):
                         result = await result
             # Built here so that a result that cannot be sent (not JSON, too
