@@ -84,8 +84,12 @@ class ClockEstimate:
 
     Attributes:
         offset: seconds to add to our clock to get the peer's, at ``at``.
-        uncertainty: bound on the offset's error from the exchange it rests on
-            (half that exchange's round trip), seconds.
+        uncertainty: bound on the offset's error at ``at``, seconds: the
+            true offset lies within half the round trip of the exchange the
+            estimate rests on (NTP's bound, for symmetric paths), and the
+            reported offset (a fitted line, kept inside that interval) is at
+            most this far from either end of it: half the round trip when the
+            line passes through the exchange, up to the whole round trip.
         drift: how fast the offset changes, seconds per second (0 until two
             windows of exchanges have been seen).
         at: our clock time the estimate is for.
@@ -151,21 +155,27 @@ class ClockEstimator:
 
         The offset is that of the shortest recent round trip; once several
         windows have been kept, a least-squares line through them gives the
-        drift, and the offset at that sample's time is read off the line.
+        drift, and the offset at that sample's time is read off the line,
+        clamped to the interval the sample allows.
         """
         kept = list(self._kept)
         if self._best is not None:
             kept.append(self._best)
         if not kept:
             return None
-        delay, at, offset = min(kept[-4:])  # the best of the latest windows
-        drift = 0.0
+        delay, at, measured = min(kept[-4:])  # the best of the latest windows
+        # NTP's bound: at ``at`` the true offset lies within half the round trip
+        # of the measured one (whatever the queueing, if the paths are symmetric).
+        low, high = measured - delay / 2, measured + delay / 2
+        offset, drift = measured, 0.0
         if len(kept) >= 8:
             drift = _slope([(t, o) for _, t, o in kept])
             mean_t = sum(t for _, t, _ in kept) / len(kept)
             mean_o = sum(o for _, _, o in kept) / len(kept)
-            offset = mean_o + drift * (at - mean_t)
-        return ClockEstimate(offset, delay / 2, drift, at, self.samples)
+            # The fitted line smooths the noise; kept within the bound.
+            offset = min(max(mean_o + drift * (at - mean_t), low), high)
+        # The farthest the true offset can be from the one reported.
+        return ClockEstimate(offset, max(offset - low, high - offset), drift, at, self.samples)
 
 
 def _slope(points: list[tuple[float, float]]) -> float:
