@@ -297,3 +297,26 @@ async def test_udp_sends_raise_only_peer_unavailable_or_value_error(
                 tg.start_soon(one, i)
         assert errors
         assert all(isinstance(e, (PeerUnavailable, EchoTimeout)) for e in errors), errors
+
+
+@pytest.mark.parametrize("scheme", ["udp", "ws"])
+async def test_a_bug_while_receiving_ends_the_endpoint_with_it(
+    scheme: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception while handling received bytes (a bug, never bad input)
+    ends the endpoint with that exception on both backends, instead of leaving a
+    server that no longer reads (asyncio would only log it and close the transport)."""
+    received = EchoProtocol._received
+
+    def buggy(self: EchoProtocol, raw: bytes, addr: tuple[str, int]) -> None:
+        if b"boom" in raw:
+            raise RuntimeError("injected bug")
+        received(self, raw, addr)
+
+    monkeypatch.setattr(EchoProtocol, "_received", buggy)
+    with anyio.fail_after(SAFETY), pytest.raises(RuntimeError, match="injected bug"):
+        async with EchoProtocol.server(f"{scheme}://127.0.0.1:0") as rig:
+            async with EchoProtocol.client(uri_of(rig), echo_timeout=SAFETY) as main:
+                await main.init("fine")
+                main.send_nowait([1, "boom"])
+                await anyio.sleep_forever()

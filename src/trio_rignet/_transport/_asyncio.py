@@ -88,9 +88,14 @@ class _DatagramProtocol(asyncio.DatagramProtocol):
         self.received = handler._received
         self.flow = _Flow()
         self.lost = anyio.Event()
+        self.failure: Exception | None = None
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.received(data, addr)
+        try:
+            self.received(data, addr)
+        except Exception as exc:  # a bug: end the endpoint with it, as on Trio
+            self.failure = exc
+            self.lost.set()
 
     def error_received(self, exc: Exception) -> None:
         self.owner._error(exc)
@@ -167,6 +172,8 @@ class UDPTransport(Transport):
                 self._set_connected(True)
                 task_status.started()
                 await protocol.lost.wait()
+                if protocol.failure is not None:
+                    raise protocol.failure
         finally:
             self._closed = True
             self._connected.set()
@@ -227,6 +234,7 @@ class _StreamProtocol(asyncio.Protocol):
         self.lost = anyio.Event()
         self.conn: Connection | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.failure: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -240,6 +248,10 @@ class _StreamProtocol(asyncio.Protocol):
             conn.feed(data, self.handler)
         except FramingError as exc:
             self.owner._unframeable(conn, exc)
+            return
+        except Exception as exc:  # a bug: end the endpoint with it, as on Trio
+            self.failure = exc
+            self.lost.set()
             return
         if conn.decoder.buffered and self.timer is None:
             self._arm()
@@ -398,6 +410,8 @@ class TCPTransport(TCPBase):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._write, conn)
                     await protocol.lost.wait()
+                    if protocol.failure is not None:
+                        raise protocol.failure
                     tg.cancel_scope.cancel()
         finally:
             conn.closed = True
