@@ -42,3 +42,23 @@ async def test_a_huge_integer_ping_does_not_kill_a_rig(scheme: str) -> None:
                 await anyio.sleep(0.2)
             async with Services.open({"video": rig.local_uri}, timeout=2, echo_timeout=1) as srv:
                 assert await srv.init(None) == {"video": [None]}
+
+
+@pytest.mark.anyio
+async def test_cancelling_open_or_a_call_raises_the_cancellation_not_endpoint_closed() -> None:
+    """A cancelled Services.open(wait=)/init() used to surface EndpointClosed or a
+    ServicesError of closed endpoints (on Trio inside an ExceptionGroup) instead of the
+    cancellation: the endpoints' own tasks, cancelled by the same scope, closed first."""
+    import random
+
+    rng = random.Random(7)
+    with anyio.fail_after(40):
+        async with RigService("udp://127.0.0.1:0", name="u") as ru, RigService(
+            "ws://127.0.0.1:0", name="t"
+        ) as rt:
+            rigs = {"u": ru.local_uri, "t": rt.local_uri}
+            for i in range(60):
+                with anyio.move_on_after(rng.uniform(1e-3, 6e-3)):
+                    async with Services.open(rigs, wait=2, heartbeat=0.01) as srv:
+                        await srv.init({"i": i})
+                        await srv.start("2024-01-01_1_m")
