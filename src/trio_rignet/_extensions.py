@@ -58,7 +58,11 @@ def build_pong(t1: float, t2: float, t3: float) -> bytes:
 
 
 def _number(value: Any) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)
+    # An int too large for a float would make math.isfinite raise OverflowError
+    # (a 400-digit integer in a datagram); int/float comparison never overflows.
+    if type(value) is int:
+        return -1e300 < value < 1e300
+    return type(value) is float and math.isfinite(value)
 
 
 def parse_extension(body: bytes) -> dict[str, Any] | None:

@@ -594,6 +594,10 @@ class Services(Mapping[str, EchoProtocol]):
             except RignetError as exc:  # a closed endpoint
                 failures[name] = self._states[name].last_error = exc
         await run_calls(list(calls.values()))
+        # Cancelling the caller also cancels the endpoints' own tasks (same scope), which
+        # close them and wake these calls with EndpointClosed first: raise the
+        # cancellation, as documented, not a ServicesError about closed endpoints.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         for name, call in calls.items():
             state = self._states[name]
             result = call.result
@@ -655,7 +659,11 @@ async def _wait_connected(
     """Wait up to ``wait`` seconds for every endpoint to connect; record those that did not."""
     with anyio.move_on_after(wait):
         for rig in endpoints.values():
+            # Our cancellation also closes the endpoints (their tasks share the scope):
+            # raise it rather than EndpointClosed from a closed endpoint.
+            await anyio.lowlevel.checkpoint_if_cancelled()
             await rig.wait_connected()
+    await anyio.lowlevel.checkpoint_if_cancelled()
     for name, rig in endpoints.items():
         if not rig.is_connected:
             failures[name] = PeerUnavailable(
