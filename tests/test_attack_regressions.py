@@ -53,9 +53,10 @@ async def test_cancelling_open_or_a_call_raises_the_cancellation_not_endpoint_cl
 
     rng = random.Random(7)
     with anyio.fail_after(40):
-        async with RigService("udp://127.0.0.1:0", name="u") as ru, RigService(
-            "ws://127.0.0.1:0", name="t"
-        ) as rt:
+        async with (
+            RigService("udp://127.0.0.1:0", name="u") as ru,
+            RigService("ws://127.0.0.1:0", name="t") as rt,
+        ):
             rigs = {"u": ru.local_uri, "t": rt.local_uri}
             for i in range(60):
                 with anyio.move_on_after(rng.uniform(1e-3, 6e-3)):

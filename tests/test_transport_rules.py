@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from typing import Any
 
 import anyio
 import pytest
@@ -40,6 +41,7 @@ from trio_rignet import (
     Services,
     ServicesError,
 )
+from trio_rignet._core import EchoCore
 from trio_rignet._transport import _sockets
 
 pytestmark = pytest.mark.anyio
@@ -300,23 +302,28 @@ async def test_udp_sends_raise_only_peer_unavailable_or_value_error(
 
 
 @pytest.mark.parametrize("scheme", ["udp", "ws"])
-async def test_a_bug_while_receiving_ends_the_endpoint_with_it(
-    scheme: str, monkeypatch: pytest.MonkeyPatch
+async def test_a_message_that_reveals_a_bug_is_dropped_and_the_endpoint_goes_on(
+    scheme: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """An unexpected exception while handling received bytes (a bug, never bad input)
-    ends the endpoint with that exception on both backends, instead of leaving a
-    server that no longer reads (asyncio would only log it and close the transport)."""
-    received = EchoProtocol._received
+    """Whatever a peer sends never ends an endpoint: should handling one message raise
+    (a bug that input reveals), it is logged with its traceback and dropped, on both
+    backends and transports, and the endpoint keeps serving."""
+    receive = EchoCore.receive
 
-    def buggy(self: EchoProtocol, raw: bytes, addr: tuple[str, int]) -> None:
+    def buggy(self: EchoCore, addr: tuple[str, int], raw: bytes, now: float) -> Any:
         if b"boom" in raw:
             raise RuntimeError("injected bug")
-        received(self, raw, addr)
+        return receive(self, addr, raw, now)
 
-    monkeypatch.setattr(EchoProtocol, "_received", buggy)
-    with anyio.fail_after(SAFETY), pytest.raises(RuntimeError, match="injected bug"):
-        async with EchoProtocol.server(f"{scheme}://127.0.0.1:0") as rig:
-            async with EchoProtocol.client(uri_of(rig), echo_timeout=SAFETY) as main:
-                await main.init("fine")
-                main.send_nowait([1, "boom"])
-                await anyio.sleep_forever()
+    monkeypatch.setattr(EchoCore, "receive", buggy)
+    with anyio.fail_after(SAFETY):
+        async with (
+            EchoProtocol.server(f"{scheme}://127.0.0.1:0") as rig,
+            EchoProtocol.client(uri_of(rig), echo_timeout=SAFETY) as main,
+        ):
+            await main.init("fine")
+            with pytest.raises(EchoTimeout):
+                await main.confirmed_send([1, "boom"], timeout=0.2)  # dropped: no echo
+            await main.init("again")
+    assert "injected bug" in caplog.text
+    assert "could not be handled" in caplog.text

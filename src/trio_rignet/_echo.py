@@ -863,6 +863,25 @@ class EchoProtocol:
     # ---------------------------------------------------- transport callbacks
 
     def _received(self, raw: bytes, addr: Address) -> None:
+        """A framed message arrived: handle it; a failure is logged, never fatal.
+
+        Whatever a peer sends must not end the endpoint: should handling one
+        message raise (a bug this input reveals), that message is dropped with
+        a rate-limited log line and its traceback, and the endpoint goes on.
+        """
+        try:
+            self._handle(raw, addr)
+        except Exception:
+            if self._log.ready(anyio.current_time()):
+                self.logger.exception(
+                    "[%s] dropped a message from %s that could not be handled (%.60r); "
+                    "please report this",
+                    self.name,
+                    self.uri_of(addr),
+                    raw,
+                )
+
+    def _handle(self, raw: bytes, addr: Address) -> None:
         """A framed message arrived: do what the core decides."""
         verdict, detail = self._core.receive(addr, raw, self._now())
         if verdict is Received.ECHO:

@@ -29,7 +29,6 @@ offset and drift through them. No I/O here.
 from __future__ import annotations
 
 import json
-import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
@@ -57,12 +56,15 @@ def build_pong(t1: float, t2: float, t3: float) -> bytes:
     return json.dumps([{"rignet": "pong", "t1": t1, "t2": t2, "t3": t3}]).encode()
 
 
+_TIME_LIMIT = 1e12
+"""Largest clock reading accepted, seconds (31,700 years): any real clock's
+readings are far below it, and offsets computed from them stay finite."""
+
+
 def _number(value: Any) -> bool:
-    # An int too large for a float would make math.isfinite raise OverflowError
-    # (a 400-digit integer in a datagram); int/float comparison never overflows.
-    if type(value) is int:
-        return -1e300 < value < 1e300
-    return type(value) is float and math.isfinite(value)
+    # A comparison, not math.isfinite: an int too large for a float (a 400-digit
+    # integer in a datagram) made isfinite raise OverflowError. NaN fails it too.
+    return type(value) in (int, float) and -_TIME_LIMIT < value < _TIME_LIMIT
 
 
 def parse_extension(body: bytes) -> dict[str, Any] | None:

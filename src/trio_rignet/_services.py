@@ -637,6 +637,9 @@ class Services(Mapping[str, EchoProtocol]):
         else:
             for name, rig in rigs:
                 await one(name, rig)
+        # As in _signal: a cancelled caller gets its cancellation, not the
+        # EndpointClosed of endpoints that its cancellation closed.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         return self._outcome(event, responses, failures)
 
     def _outcome(
