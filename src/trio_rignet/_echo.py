@@ -49,7 +49,15 @@ from ._messages import (
     encode,
 )
 from ._ratelimit import RateLimit
-from ._transport import UDP_MAX_PAYLOAD, Address, Role, TransportConfig, clock, open_transport
+from ._transport import (
+    UDP_MAX_PAYLOAD,
+    Address,
+    Role,
+    TransportConfig,
+    clock,
+    open_transport,
+    waiting,
+)
 from ._uri import canonical_address, resolve_uri, split_uri
 
 if TYPE_CHECKING:
@@ -181,6 +189,8 @@ class EchoProtocol:
         self._addresses: dict[Any, Address] = {}
         self._tg: TaskGroup | None = None
         self._now = anyio.current_time  # the loop's own clock once running (see _run)
+        self._event: Callable[[], Any] = anyio.Event  # the backend's own, once running
+        self._scope: Callable[..., Any] = anyio.CancelScope
         self._closing = False
         self._stopped = anyio.Event()
 
@@ -258,6 +268,7 @@ class EchoProtocol:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 self._now = clock()
+                self._event, self._scope = waiting()
                 self._events.start(tg.start_soon)
                 await tg.start(self._transport.run, self)
                 if self._role == "server":
@@ -566,7 +577,7 @@ class EchoProtocol:
                 )
         now = self._now()
         send = self._core.open_send(target, payload, now, deadline - now, reply_to=reply_to)
-        send.waiter = anyio.Event()
+        send.waiter = self._event()
         try:
             transport.transmit(send.wire, target, send)
             await self._await_echo(send)
@@ -590,7 +601,7 @@ class EchoProtocol:
         waiter = send.waiter
         while True:
             # fail_after's semantics with a bare cancel scope: no generator on the hot path
-            with anyio.CancelScope(deadline=send.wake_at):
+            with self._scope(deadline=send.wake_at):
                 await waiter.wait()
             if send.outcome is not Outcome.PENDING:
                 return

@@ -210,14 +210,18 @@ class Outbox:
         if owner is not None and owner is self._awaiting:
             self._awaiting = None
             self._hold_until = -math.inf
-            self._wake.set()
+            if self._entries:  # else the next put writes at once: no task to wake
+                self._wake.set()
 
     def trust(self) -> None:
         """The peer frames messages itself: no pacing from now on."""
+        if not self.pace and self._hold_until == -math.inf:
+            return  # already trusted (called for every tagged message)
         self.pace = 0.0
         self._hold_until = -math.inf
         self._awaiting = None
-        self._wake.set()
+        if self._entries:
+            self._wake.set()
 
     def _dequeued(self, n: int) -> None:
         self.queued -= n

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import socket
 from typing import Any
@@ -282,11 +283,14 @@ class TCPTransport(TCPBase):
         try:
             while True:
                 deadline = self._read_deadline(conn)
-                with anyio.CancelScope(deadline=deadline) as scope:
+                if deadline == math.inf:  # nothing half-received: no timer needed
                     await trio.lowlevel.wait_readable(sock)
-                if scope.cancelled_caught:
-                    self._stalled(conn)
-                    return
+                else:
+                    with trio.CancelScope(deadline=deadline) as scope:
+                        await trio.lowlevel.wait_readable(sock)
+                    if scope.cancelled_caught:
+                        self._stalled(conn)
+                        return
                 try:
                     chunk = recv(65536)
                 except BlockingIOError:
