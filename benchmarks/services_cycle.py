@@ -63,7 +63,8 @@ async def rignet_main(args: argparse.Namespace, ports: list[int]) -> Measured:
     from trio_rignet import Services
 
     rigs = {f"rig{i}": f"udp://127.0.0.1:{port}" for i, port in enumerate(ports)}
-    async with Services.open(rigs, timeout=args.timeout) as services:
+    heartbeat = None if args.no_heartbeat else 0.2
+    async with Services.open(rigs, timeout=args.timeout, heartbeat=heartbeat) as services:
 
         async def cycle() -> None:
             check(await services.init(INIT_DATA), args.count, "init")
@@ -108,6 +109,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--min-time", type=float, default=0.3)
     parser.add_argument("--timeout", type=float, default=5.0, help="completion timeout, s")
+    parser.add_argument(
+        "--no-heartbeat", action="store_true", help="trio-rignet: no heartbeats to the rigs"
+    )
     parser.add_argument("--stepped", action="store_true", help="one repetition per 'go'")
     args = parser.parse_args()
     set_stepped(args.stepped)
