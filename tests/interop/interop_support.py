@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -406,3 +407,14 @@ async def open_link(
             await rig.status(0)
             await peer.expect_recv(ep, 32)
             yield Link(rig, peer, ep, None, list(rig.local_address), rignet_listens)
+
+
+def real_warnings(records: list[logging.LogRecord]) -> list[logging.LogRecord]:
+    """Warnings and errors among ``records``, without asyncio's debug-mode notes that a
+    callback was slow (``PYTHONDEVMODE`` on a loaded machine: timing, not a fault)."""
+    return [
+        r
+        for r in records
+        if r.levelno >= logging.WARNING
+        and not (r.name == "asyncio" and str(r.msg).startswith("Executing "))
+    ]

@@ -29,7 +29,7 @@ from typing import Any
 import anyio
 import pytest
 from interop_support import SIGNALS as ALL_SIGNALS
-from interop_support import WAIT, IblPeer, completion
+from interop_support import WAIT, IblPeer, completion, real_warnings
 
 from trio_rignet import ExpMessage, Message, RigService, Services, StreamDecoder
 
@@ -164,4 +164,4 @@ async def test_no_extension_bytes_reach_an_iblutil_main_pc(
             assert rig.endpoint.stats.timeouts == 0
         assert_quiet(peer)
         tg.cancel_scope.cancel()
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not real_warnings(caplog.records)

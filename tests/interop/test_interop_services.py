@@ -24,6 +24,7 @@ from interop_support import (
     IblPeer,
     Signal,
     completion,
+    real_warnings,
 )
 
 from trio_rignet import (
@@ -205,5 +206,5 @@ async def test_iblutil_services_over_rignet_rigs(
                 assert rig.endpoint.stats.confirmed >= len(SIGNALS)
                 assert rig.endpoint.stats.timeouts == 0
                 assert rig.endpoint.stats.dropped == 0
-            assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+            assert not real_warnings(caplog.records)
         tg.cancel_scope.cancel()
