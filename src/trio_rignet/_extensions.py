@@ -161,7 +161,8 @@ class ClockEstimator:
 
         The offset is that of the shortest recent round trip; once several
         windows have been kept, a least-squares line through them gives the
-        drift, and the offset at that sample's time is read off the line,
+        drift (weighted by each window's round trip: see :func:`_fit`), and
+        the offset at that sample's time is read off the line,
         clamped to the interval the sample allows.
         """
         kept = list(self._kept)
@@ -175,24 +176,32 @@ class ClockEstimator:
         low, high = measured - delay / 2, measured + delay / 2
         offset, drift = measured, 0.0
         if len(kept) >= 8:
-            drift = _slope([(t, o) for _, t, o in kept])
-            mean_t = sum(t for _, t, _ in kept) / len(kept)
-            mean_o = sum(o for _, _, o in kept) / len(kept)
+            drift, mean_t, mean_o = _fit(kept)
             # The fitted line smooths the noise; kept within the bound.
             offset = min(max(mean_o + drift * (at - mean_t), low), high)
         # The farthest the true offset can be from the one reported.
         return ClockEstimate(offset, max(offset - low, high - offset), drift, at, self.samples)
 
 
-def _slope(points: list[tuple[float, float]]) -> float:
-    """Least-squares slope of ``points`` (0 if they span no time)."""
-    n = len(points)
-    mean_x = sum(x for x, _ in points) / n
-    mean_y = sum(y for _, y in points) / n
-    sxx = sum((x - mean_x) ** 2 for x, _ in points)
-    if sxx <= 0:
-        return 0.0
-    return sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
+def _fit(samples: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """Weighted least-squares line through ``(delay, time, offset)`` samples.
+
+    Returns ``(slope, mean time, mean offset)``, the line passing through the
+    weighted means. Each sample weighs ``1 / delay**2``: the error bound of a
+    sample grows with its round trip, so a burst of delayed exchanges (a loaded
+    rig) cannot tilt the drift the way equal weights let it.
+    """
+    weights = [1.0 / max(delay, 1e-5) ** 2 for delay, _, _ in samples]
+    total = sum(weights)
+    mean_t = sum(w * t for w, (_, t, _) in zip(weights, samples, strict=True)) / total
+    mean_o = sum(w * o for w, (_, _, o) in zip(weights, samples, strict=True)) / total
+    stt = sum(w * (t - mean_t) ** 2 for w, (_, t, _) in zip(weights, samples, strict=True))
+    if stt <= 0:
+        return 0.0, mean_t, mean_o
+    sto = sum(
+        w * (t - mean_t) * (o - mean_o) for w, (_, t, o) in zip(weights, samples, strict=True)
+    )
+    return sto / stt, mean_t, mean_o
 
 
 @dataclass
