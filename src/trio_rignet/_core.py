@@ -75,6 +75,9 @@ Address = tuple[str, int]
 _WHITESPACE = b" \t\r\n"
 _MASK32 = 0xFFFFFFFF
 _RTO_MIN = 0.01
+_SYSTEM_RANDOM = random.SystemRandom()
+"""Sessions and first sequence numbers from the OS (one shared source: a
+``random.Random`` per endpoint would cost 2.5 KiB of state each)."""
 _RESTARTED = 1 << 16
 """A peer's sequence number this far behind its window is a counter drawn anew (the peer
 forgot us), not a repeat: no message is repeated after 65,536 newer ones."""
@@ -320,7 +323,7 @@ class EchoCore:
         rng: random.Random | None = None,
         limits: Limits = Limits(),
     ) -> None:
-        self._rng = rng or random.Random()
+        self._rng = rng or _SYSTEM_RANDOM
         self.stream = stream
         self.reliable = reliable
         self.limits = limits
@@ -335,7 +338,6 @@ class EchoCore:
         # strangers cannot push them out.
         self._peers: _Bounded[Address, _Peer] = _Bounded(limits.peers)
         self._verified: _Bounded[Address, bool] = _Bounded(limits.peers)
-        # (peer, session) -> [highest seq, bitmap of seen seqs below it]
         # (peer, session) -> [highest seq, bitmap of the window below it, floor]:
         # floor is one past the highest seq forgotten from ``_recent`` (None: none).
         self._windows: _Bounded[tuple[Address, int], list[Any]] = _Bounded(limits.sessions)
