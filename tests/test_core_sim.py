@@ -371,3 +371,32 @@ def test_a_message_whose_copies_were_lost_past_the_window_is_still_new() -> None
     assert arrive(30) is Received.DUPLICATE  # within the window
     # A peer that forgot us restarts its numbers far away: new messages again.
     assert arrive(39 - (1 << 20)) is Received.NEW
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 150), max_size=400))
+def test_a_peer_message_is_dispatched_at_most_once_and_never_missed(arrivals: list[int]) -> None:
+    """Rule 3 as a property, over any order and repetition of a trio-rignet peer's
+    messages (loss, duplication and reordering beyond the window), with small tables:
+
+    - each message is dispatched (NEW) at most once;
+    - its first arrival is NEW as long as the recent table has forgotten nothing
+      (every message received so far still fits in it), however far behind the
+      window it arrives;
+    - a repeat is echoed again (DUPLICATE) or, past its re-echo budget, dropped
+      (STALE): never NEW."""
+    limits = Limits(window=8, recent=64)
+    rig = EchoCore(stream=False, session=1, limits=limits)
+    sender = Tagger(7)
+    peer = ("10.0.0.1", 11001)
+    dispatched: set[int] = set()
+    for seq in arrivals:
+        verdict = rig.receive(peer, sender.tag(b"[1, %d]" % seq, seq, None), 0.0)[0]
+        first = seq not in dispatched
+        if verdict is Received.NEW:
+            assert first, f"message {seq} dispatched twice"
+            dispatched.add(seq)
+        elif first and len(dispatched) < limits.recent:
+            raise AssertionError(f"first arrival of {seq} not dispatched: {verdict.name}")
+        if not first and len(dispatched) <= limits.recent:
+            assert verdict is Received.DUPLICATE or verdict is Received.STALE

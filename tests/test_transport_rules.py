@@ -40,6 +40,7 @@ from trio_rignet import (
     RigService,
     Services,
     ServicesError,
+    StreamDecoder,
 )
 from trio_rignet._core import EchoCore
 from trio_rignet._transport import _sockets
@@ -327,3 +328,28 @@ async def test_a_message_that_reveals_a_bug_is_dropped_and_the_endpoint_goes_on(
             await main.init("again")
     assert "injected bug" in caplog.text
     assert "could not be handled" in caplog.text
+
+
+async def test_a_framing_bug_ends_the_endpoint_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below the endpoint's own handling, an unexpected exception while framing a TCP
+    stream (a bug, never bad input: that is a FramingError) ends the server endpoint with
+    that exception on both backends; asyncio alone would log it and close the connection,
+    leaving a server that looks alive."""
+    feed = StreamDecoder.feed
+
+    def buggy(self: StreamDecoder, data: bytes) -> Any:
+        if b"boom" in data:
+            raise RuntimeError("injected framing bug")
+        return feed(self, data)
+
+    async def serve_the_bug() -> None:
+        async with (
+            EchoProtocol.server("ws://127.0.0.1:0") as rig,
+            raw_tcp_client(rig.local_address[1]) as peer,
+        ):
+            await peer.send(b'[1, "boom"]')
+            await anyio.sleep_forever()
+
+    monkeypatch.setattr(StreamDecoder, "feed", buggy)
+    with anyio.fail_after(SAFETY), pytest.raises(RuntimeError, match="injected framing bug"):
+        await serve_the_bug()
