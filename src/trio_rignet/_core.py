@@ -61,7 +61,7 @@ import random
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from ._allow import PeerFilter
 from ._errors import MessageError
@@ -195,45 +195,34 @@ _K = TypeVar("_K", bound=Hashable)
 _V = TypeVar("_V")
 
 
-class _Bounded(Generic[_K, _V]):
-    """An insertion- or use-ordered map that drops its oldest entry beyond ``capacity``."""
+class _Bounded(OrderedDict[_K, _V]):
+    """An insertion- or use-ordered map that drops its oldest entry beyond ``capacity``.
 
-    __slots__ = ("_data", "capacity", "evicted")
+    A dict itself, so lookups (``get``, ``in``) cost no Python call.
+    """
+
+    __slots__ = ("capacity", "evicted")
 
     def __init__(self, capacity: int) -> None:
-        self._data: OrderedDict[_K, _V] = OrderedDict()
+        super().__init__()
         self.capacity = capacity
         self.evicted = 0
 
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._data
-
-    def get(self, key: _K) -> _V | None:
-        return self._data.get(key)
-
     def put(self, key: _K, value: _V) -> _K | None:
         """Set ``key`` and make it the most recent; the key dropped to make room, if any."""
-        data = self._data
-        data[key] = value
-        data.move_to_end(key)
-        if len(data) > self.capacity:
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > self.capacity:
             self.evicted += 1
-            return data.popitem(last=False)[0]
+            return self.popitem(last=False)[0]
         return None
 
     def touch(self, key: _K, value: _V) -> None:
         """Make ``key`` the most recent, setting it to ``value`` if absent."""
-        data = self._data
-        if key in data:
-            data.move_to_end(key)
+        if key in self:
+            self.move_to_end(key)
         else:
             self.put(key, value)
-
-    def pop(self, key: _K) -> _V | None:
-        return self._data.pop(key, None)
 
 
 class _Peer:
@@ -297,6 +286,12 @@ class Send:
 
     def __repr__(self) -> str:
         return f"<Send seq={self.seq} to {self.peer} {self.outcome.name}>"
+
+
+# Members as plain names: on the hot path, ``Received.ECHO`` costs an EnumType
+# attribute lookup (a __getattr__ hook on Python 3.11).
+_ECHO, _NEW, _OWN = Received.ECHO, Received.NEW, Received.OWN
+_PENDING, _CONFIRMED = Outcome.PENDING, Outcome.CONFIRMED
 
 
 class EchoCore:
@@ -365,14 +360,15 @@ class EchoCore:
 
     def _peer(self, peer: Address) -> _Peer:
         """The state of ``peer``, made the most recent (created if new)."""
-        state = self._peers.get(peer)
+        peers = self._peers
+        state = peers.get(peer)
         if state is None:
             # A random first sequence number: a peer forgotten and met again does
             # not reuse the numbers its window has already seen.
             state = _Peer(self._rng.getrandbits(32))
-            self._peers.put(peer, state)
+            peers.put(peer, state)
         else:
-            self._peers.touch(peer, state)
+            peers.move_to_end(peer)
         return state
 
     def is_trio_peer(self, addr: tuple[Any, ...]) -> bool:
@@ -414,8 +410,14 @@ class EchoCore:
                 "a message is a JSON array whose first element is the event code, "
                 f"e.g. [1, null]; got {payload[:40]!r}"
             )
-        peer = self.peer_key(addr)
-        state = self._peer(peer)
+        peer = self._keys.get(addr)
+        if peer is None:
+            peer = self.peer_key(addr)
+        state = self._peers.get(peer)
+        if state is None:
+            state = self._peer(peer)
+        else:
+            self._peers.move_to_end(peer)  # _peer, inlined
         seq = state.seq = (state.seq + 1) & _MASK32
         state.epoch += 1  # we sent it something (rule 5)
         return peer, seq, self._tagger.tag(body, seq, reply_to)
@@ -563,7 +565,9 @@ class EchoCore:
         """
         stats = self.stats
         stats.received += 1
-        peer = self.peer_key(addr)
+        peer = self._keys.get(addr)
+        if peer is None:
+            peer = self.peer_key(addr)
         if self.filter is not None and not self.filter.allows(peer[0]):
             stats.refused += 1
             return Received.REFUSED, None
@@ -578,7 +582,7 @@ class EchoCore:
                     if not waiting:
                         del self._pending[peer]
                 self._confirm(send, now)
-                return Received.ECHO, send
+                return _ECHO, send
         tag = read_tag(key)
         if tag is not None:
             verdict = self._check_tag(peer, tag)
@@ -594,12 +598,15 @@ class EchoCore:
         except MessageError as exc:
             stats.dropped += 1
             return Received.MALFORMED, str(exc)
-        state = self._peer(peer)
+        # A tagged message's peer was just made the most recent by _check_tag.
+        state = None if tag is None else self._peers.get(peer)
+        if state is None:
+            state = self._peer(peer)
         if tag is None and msg.event and self._bouncing(peer, state.epoch, key, now):
             stats.bounces += 1
             return Received.STALE, None
         state.heard = True
-        return Received.NEW, msg
+        return _NEW, msg
 
     def _bouncing(self, peer: Address, epoch: int, key: bytes, now: float) -> bool:
         """Rule 5: is this untagged message a hop of an echo ping-pong?
@@ -619,23 +626,31 @@ class EchoCore:
         return bool(streak[1] >= self.limits.bounce_after)
 
     def _confirm(self, send: Send, now: float) -> None:
-        send.outcome = Outcome.CONFIRMED
+        send.outcome = _CONFIRMED
         stats = self.stats
         rtt = now - send.started
         stats.confirmed += 1
         stats.rtt_count += 1
         stats.rtt_total += rtt
-        stats.rtt_min = min(stats.rtt_min, rtt)
-        stats.rtt_max = max(stats.rtt_max, rtt)
+        if rtt < stats.rtt_min:
+            stats.rtt_min = rtt
+        if rtt > stats.rtt_max:
+            stats.rtt_max = rtt
         stats.rtt_last = rtt
-        if not send.retransmits:  # Karn: a retransmitted send's round trip is ambiguous
+        # The retransmission timer's estimate (reliable mode only). Karn: a
+        # retransmitted send's round trip is ambiguous.
+        if self.reliable and not send.retransmits:
             srtt = self._srtt
             if srtt != srtt:
                 self._srtt, self._rttvar = rtt, rtt / 2
             else:
                 self._rttvar = 0.75 * self._rttvar + 0.25 * abs(srtt - rtt)
                 self._srtt = 0.875 * srtt + 0.125 * rtt
-        self._verified.touch(send.peer, True)
+        verified = self._verified
+        if send.peer in verified:
+            verified.move_to_end(send.peer)
+        else:
+            verified.put(send.peer, True)
         state = self._peers.get(send.peer)
         if state is not None:
             state.epoch += 1  # it echoed us (rule 5)
@@ -643,17 +658,23 @@ class EchoCore:
     def _check_tag(self, peer: Address, tag: Tag) -> Received | None:
         """The verdict on a tagged arrival that is not an awaited echo (None: new)."""
         session, seq, _ = tag
-        stats = self.stats
         if session == self.session:
-            stats.late += 1
-            return Received.OWN
-        self._peer(peer).session = session
+            self.stats.late += 1
+            return _OWN
+        peers = self._peers
+        state = peers.get(peer)
+        if state is None:
+            state = self._peer(peer)
+        else:
+            peers.move_to_end(peer)  # _peer, inlined
+        state.session = session
         key = (peer, session)
-        window = self._windows.get(key)
+        windows = self._windows
+        window = windows.get(key)
         size = self.limits.window
         message = (peer, session, seq)
         if window is None:
-            self._windows.put(key, [seq, 1, None])
+            windows.put(key, [seq, 1, None])
         else:
             high, seen, floor = window
             ahead = (seq - high) & _MASK32
@@ -680,9 +701,13 @@ class EchoCore:
                 return Received.STALE
             # else: older than the window but never received (every copy so far
             # was lost): a new message.
-            self._windows.touch(key, window)
-        forgotten = self._recent.put(message, self.limits.reechoes)
+            windows.move_to_end(key)
+        recent = self._recent
+        recent[message] = self.limits.reechoes  # recent.put, inlined
+        recent.move_to_end(message)
+        forgotten = recent.popitem(last=False)[0] if len(recent) > recent.capacity else None
         if forgotten is not None:
+            recent.evicted += 1
             old = self._windows.get((forgotten[0], forgotten[1]))
             if old is not None and (old[2] is None or (forgotten[2] - old[2]) & _MASK32 < 1 << 31):
                 old[2] = (forgotten[2] + 1) & _MASK32

@@ -459,7 +459,7 @@ class EchoProtocol:
 
     def _payload(self, data: Any) -> bytes:
         payload = encode(data)
-        if len(payload) > self.max_message_size:
+        if len(payload) > self._max_size - TAG_ROOM:  # max_message_size
             if self.protocol == "udp":
                 raise ValueError(
                     f"a message of {len(payload)} bytes is too large for UDP (a datagram holds "
@@ -557,15 +557,17 @@ class EchoProtocol:
         target = self._target(addr)
         timeout = self.default_echo_timeout if timeout is None else _check_timeout(timeout)
         payload = self._payload(data)
-        await self._confirmed(payload, target, timeout, _ref(reply_to))
+        await self._confirmed(
+            payload, target, timeout, None if reply_to is None else _ref(reply_to)
+        )
 
     async def _confirmed(
         self, payload: bytes, target: Address, timeout: float, reply_to: int | None = None
     ) -> Send:
         """Send ``payload`` to ``target`` and wait for its echo; the ended send."""
         transport = self._transport
-        start = self._now()
-        deadline = start + timeout
+        now = self._now()
+        deadline = now + timeout
         if not transport.has_room(target):
             with anyio.CancelScope(deadline=deadline):
                 await transport.wait_room(target)
@@ -575,12 +577,22 @@ class EchoProtocol:
                 raise EchoTimeout(
                     self.name, target, timeout, "the peer is not reading what is sent to it"
                 )
-        now = self._now()
+            now = self._now()
         send = self._core.open_send(target, payload, now, deadline - now, reply_to=reply_to)
-        send.waiter = self._event()
+        send.waiter = waiter = self._event()
+        core = self._core
         try:
             transport.transmit(send.wire, target, send)
-            await self._await_echo(send)
+            # Wait until the send ends, retransmitting when the core says so.
+            while True:
+                # fail_after's semantics with a bare cancel scope: no generator on the hot path
+                with self._scope(deadline=min(send.retry_at, send.deadline)):  # send.wake_at
+                    await waiter.wait()
+                if send.outcome is not Outcome.PENDING:
+                    break
+                resend = core.on_timer(send, self._now())
+                if resend is not None:
+                    self._transmit(resend, send.addr)
         except BaseException:
             if self._core.end(send, Outcome.CANCELLED):
                 transport.abandon(send)
@@ -594,20 +606,6 @@ class EchoProtocol:
         if outcome is Outcome.UNAVAILABLE:
             raise PeerUnavailable(target, send.reason or "the peer is unreachable or disconnected")
         raise EndpointClosed(f"{self.name}: endpoint closed")
-
-    async def _await_echo(self, send: Send) -> None:
-        """Wait until ``send`` ends, retransmitting when the core says so."""
-        core = self._core
-        waiter = send.waiter
-        while True:
-            # fail_after's semantics with a bare cancel scope: no generator on the hot path
-            with self._scope(deadline=send.wake_at):
-                await waiter.wait()
-            if send.outcome is not Outcome.PENDING:
-                return
-            resend = core.on_timer(send, self._now())
-            if resend is not None:
-                self._transmit(resend, send.addr)
 
     def _transmit(self, data: bytes, addr: Address) -> bool:
         """Write an echo, reply or retransmission; log and drop it if it cannot go."""
@@ -881,7 +879,12 @@ class EchoProtocol:
         a rate-limited log line and its traceback, and the endpoint goes on.
         """
         try:
-            self._handle(raw, addr)
+            verdict, detail = self._core.receive(addr, raw, self._now())
+            if verdict is Received.ECHO:  # the common case, handled inline
+                _wake(detail)
+                self._transport.release(addr, detail)
+            else:
+                self._handle(verdict, detail, raw, addr)
         except Exception:
             if self._log.ready(anyio.current_time()):
                 self.logger.exception(
@@ -892,13 +895,8 @@ class EchoProtocol:
                     raw,
                 )
 
-    def _handle(self, raw: bytes, addr: Address) -> None:
-        """A framed message arrived: do what the core decides."""
-        verdict, detail = self._core.receive(addr, raw, self._now())
-        if verdict is Received.ECHO:
-            _wake(detail)
-            self._transport.release(addr, detail)
-            return
+    def _handle(self, verdict: Received, detail: Any, raw: bytes, addr: Address) -> None:
+        """Do what the core decided about a message that is not an awaited echo."""
         if verdict is Received.NEW:
             msg: Message = detail
             if msg.event:

@@ -70,11 +70,12 @@ class StreamDecoder:
         """Number of bytes held for an incomplete message."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Add bytes from the stream; return every message they complete, in order.
 
         Each message is exactly the bytes the peer sent for it; whitespace
-        between messages is dropped.
+        between messages is dropped. ``data`` is not kept: the caller may
+        reuse its buffer once this returns.
 
         Raises:
             FramingError: a byte cannot start a message, brackets do not match,
@@ -103,12 +104,12 @@ class StreamDecoder:
             self._error = FramingError(f"stream ended inside a message ({n} bytes unterminated)")
             raise self._error
 
-    def _feed(self, data: bytes) -> list[bytes]:
+    def _feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         messages: list[bytes] = []
         limit = self.max_message_size
         closers = self._closers
         in_string = self._in_string
-        src: bytes | bytearray
+        src: bytes | bytearray | memoryview
         if self._buf:
             # Inside a message: continue scanning where the last feed stopped.
             self._buf += data
@@ -174,7 +175,7 @@ class StreamDecoder:
         return messages
 
 
-def _bad_start(buf: bytes | bytearray, i: int) -> str:
+def _bad_start(buf: bytes | bytearray | memoryview, i: int) -> str:
     return (
         f"byte {bytes(buf[i : i + 1])!r} cannot start a message "
         "(expected '[' or whitespace between messages)"

@@ -22,7 +22,9 @@ the message unchanged, and an echo returns it byte for byte. It carries:
 
 Layout, read backwards from the closing bracket: the last 4 whitespace bytes
 hold ``version << 4 | flags``; before them the body (session, seq, a check
-byte, then ref if flagged), and before the body one ``\\t`` marker.
+byte, then ref if flagged), and before the body one ``\\t`` marker. The check
+byte is ``(session ^ seq ^ seq >> 8) & 0xFF ^ 0xA5``, so that random whitespace
+rarely reads as a tag.
 Whitespace digits: space 0, tab 1, CR 2, LF 3, most significant first, four
 per byte. Pure code: no I/O.
 """
@@ -55,11 +57,6 @@ Tag: TypeAlias = "tuple[int, int, int | None]"
 """A tag's fields: ``(session, seq, ref)``; ``ref`` is None when the message answers none."""
 
 
-def _check(session: int, seq: int) -> int:
-    """8 bits derived from the other fields, so random whitespace rarely reads as a tag."""
-    return ((session ^ seq ^ (seq >> 8)) & 0xFF) ^ 0xA5
-
-
 def _spell32(value: int) -> bytes:
     spell = _SPELL
     return b"".join(
@@ -84,10 +81,21 @@ class Tagger:
     def tag(self, message: bytes, seq: int, ref: int | None = None) -> bytes:
         """``message`` (a JSON array, outer whitespace stripped) with a tag before its ``]``."""
         spell = _SPELL
-        check = spell[_check(self.session, seq)]
-        if ref is None:
-            return b"".join((message[:-1], self._prefix, _spell32(seq), check, _HEADER0))
-        return b"".join((message[:-1], self._prefix, _spell32(seq), check, _spell32(ref), _HEADER1))
+        check = spell[((self.session ^ seq ^ (seq >> 8)) & 0xFF) ^ 0xA5]  # the check byte
+        parts = [
+            message[:-1],
+            self._prefix,
+            spell[seq >> 24],
+            spell[(seq >> 16) & 0xFF],
+            spell[(seq >> 8) & 0xFF],
+            spell[seq & 0xFF],
+            check,
+            _HEADER0,
+        ]
+        if ref is not None:
+            parts[-1] = _spell32(ref)
+            parts.append(_HEADER1)
+        return b"".join(parts)
 
 
 _HEADER0 = _SPELL[VERSION << 4] + b"]"
@@ -109,10 +117,15 @@ def _body_start(message: bytes) -> tuple[int, int] | None:
 
 def read_tag(message: bytes) -> Tag | None:
     """The tag of ``message`` (outer whitespace stripped), or None if it has none."""
-    found = _body_start(message)
-    if found is None:
+    # _body_start, inlined: this runs for every message received.
+    if message[-1:] != b"]":
         return None
-    start, flags = found
+    flags = _HEADERS.get(message[-1 - _HEADER_CHARS : -1])
+    if flags is None:
+        return None
+    start = len(message) - 2 - _HEADER_CHARS - _BODY_CHARS[flags]
+    if start < 1 or message[start] != _MARKER:
+        return None
     try:  # ValueError: a byte of the body is not whitespace
         value = int(message[start + 1 : -1 - _HEADER_CHARS].translate(_TO_BASE4), 4)
     except ValueError:
@@ -122,7 +135,7 @@ def read_tag(message: bytes) -> Tag | None:
         ref = value & _MASK32
         value >>= 32
     session, seq = value >> 40, (value >> 8) & _MASK32
-    if value & 0xFF != _check(session, seq):
+    if value & 0xFF != ((session ^ seq ^ (seq >> 8)) & 0xFF) ^ 0xA5:  # the check byte
         return None
     return (session, seq, ref)
 

@@ -83,7 +83,7 @@ class Transport(ABC):
         self.config = config
         self.local_address: Address = ("", 0)
         self._closed = False
-        self._connected = anyio.Event()
+        self._connected: Any = None  # an Event, made when someone waits
 
     @property
     def peer(self) -> Address:
@@ -101,13 +101,18 @@ class Transport(ABC):
         Cancellation: nothing to undo.
         """
         while not self.is_connected and not self._closed:
+            if self._connected is None:
+                self._connected = anyio.Event()
             await self._connected.wait()
 
     def _set_connected(self, up: bool) -> None:
+        """Connected (``up``) or not; also call with True when closing (wakes waiters)."""
         if up:
-            self._connected.set()
-        elif self._connected.is_set():
-            self._connected = anyio.Event()
+            if self._connected is not None:
+                self._connected.set()
+                self._connected = None
+        elif self._connected is not None and self._connected.is_set():
+            self._connected = None
 
     @abstractmethod
     async def run(self, handler: Handler, *, task_status: TaskStatus[None]) -> None:
@@ -171,12 +176,14 @@ def clock() -> Callable[[], float]:
     """The running event loop's clock, looked up once.
 
     The same time as ``anyio.current_time()``, which looks the backend up on
-    every call: the hot paths keep this function instead.
+    every call: the hot paths keep this function instead. On Trio it is the
+    run's clock's own method (what ``trio.current_time()`` calls, through two
+    more Python calls; a ``MockClock`` in tests is honoured).
     """
     if _running_trio():
         import trio
 
-        return trio.current_time
+        return trio.lowlevel.current_clock().current_time
     return asyncio.get_running_loop().time
 
 

@@ -7,7 +7,8 @@ wait on a write):
   queued or held: one system call, no task switch. Otherwise it is queued and
   the outbox's writer task writes it, in order, when the socket accepts it.
   Nobody but the writer task waits on the socket, so two senders never
-  contend for it.
+  contend for it. The writer task starts when a message first has to wait
+  (:meth:`Outbox.attach`): most endpoints never need one.
 - Putting never blocks, so the receive loop can echo without waiting.
   Confirmed senders first wait for room (:meth:`Outbox.wait_room`, below
   ``limit``); echoes may go beyond it, up to ``cap`` (they must not wait, or
@@ -34,9 +35,12 @@ from typing import Any
 
 import anyio
 
+from . import clock
+
 __all__ = ["Outbox"]
 
 Address = tuple[str, int]
+_NEVER = -math.inf  # no hold
 Write = Callable[[Any, "Address | None"], int]
 """``write(data, addr)``: bytes the socket accepted now (0: it would block); raises OSError."""
 
@@ -75,6 +79,8 @@ class Outbox:
             go straight to the socket.
 
     ``conn`` is free for the transport (the connection this outbox belongs to).
+    Nothing is written after queueing until the transport has called
+    :meth:`attach`.
     """
 
     __slots__ = (
@@ -82,7 +88,9 @@ class Outbox:
         "_entries",
         "_hold_until",
         "_last",
+        "_now",
         "_room",
+        "_spawn",
         "_unflushed",
         "_wait_writable",
         "_wake",
@@ -121,12 +129,15 @@ class Outbox:
         self.datagrams = datagrams
         self.on_error = on_error
         self.conn: Any = None
-        self._entries: deque[_Entry] = deque()
+        self._entries: deque[_Entry] | None = None  # made when a message first waits
         self.queued = 0
-        self._hold_until = -math.inf
+        self._hold_until = _NEVER
+        self._now = clock()
         self._awaiting: Any = None
-        self._wake = anyio.Event()
-        self._room = anyio.Event()
+        # Both made when first needed: an idle endpoint holds no writer task.
+        self._wake: Any = None  # set while the writer task runs (or is starting)
+        self._room: Any = None
+        self._spawn: Callable[[], object] | None = None
 
     @property
     def full(self) -> bool:
@@ -146,26 +157,54 @@ class Outbox:
         """
         entries = self._entries
         hold = self._hold_until
-        if not entries and (hold == -math.inf or anyio.current_time() >= hold):
+        if not entries and (hold == _NEVER or self._now() >= hold):
             n = self._write(data, addr)
-            if n == len(data):
-                self._written(owner)
+            if n == len(data):  # the common case: _written, inlined
+                self._last = owner
+                if owner is not None:
+                    owner.handle = self
+                if self.pace:
+                    self._hold_until = self._now() + self.pace
+                    self._awaiting = owner
                 return
             entry = _Entry(self, memoryview(data)[n:] if n else data, addr, owner, n > 0)
         else:
             entry = _Entry(self, data, addr, owner, False)
+        if entries is None:
+            entries = self._entries = deque()
         entries.append(entry)
         self.queued += len(entry.data)
         if owner is not None:
             owner.handle = entry
-        self._wake.set()
+        self._kick()
+
+    def attach(self, spawn: Callable[[], object] | None) -> None:
+        """How to start the writer task (``spawn()`` starts :meth:`run`); None: never.
+
+        The transport attaches its task group's ``start_soon`` while the
+        connection or socket is open, and detaches it (None) before that
+        task group closes. The writer starts the first time a message has to
+        wait, at once if one already does.
+        """
+        self._spawn = spawn
+        if spawn is not None and self._entries:
+            self._kick()
+
+    def _kick(self) -> None:
+        """Wake the writer task; start it if it is not running."""
+        wake = self._wake
+        if wake is not None:
+            wake.set()
+        elif self._spawn is not None:
+            self._wake = anyio.Event()
+            self._spawn()
 
     def _written(self, owner: Any) -> None:
         self._last = owner
         if owner is not None:
             owner.handle = self
         if self.pace:
-            self._hold_until = anyio.current_time() + self.pace
+            self._hold_until = self._now() + self.pace
             self._awaiting = owner
 
     async def wait_room(self) -> None:
@@ -174,7 +213,7 @@ class Outbox:
         Cancellation: nothing to undo.
         """
         while self.queued >= self.limit:
-            if self._room.is_set():
+            if self._room is None or self._room.is_set():
                 self._room = anyio.Event()
             await self._room.wait()
 
@@ -209,32 +248,37 @@ class Outbox:
         """The peer answered ``owner``'s message: it has read it, so stop holding."""
         if owner is not None and owner is self._awaiting:
             self._awaiting = None
-            self._hold_until = -math.inf
+            self._hold_until = _NEVER
             if self._entries:  # else the next put writes at once: no task to wake
-                self._wake.set()
+                self._kick()
 
     def trust(self) -> None:
         """The peer frames messages itself: no pacing from now on."""
-        if not self.pace and self._hold_until == -math.inf:
+        if not self.pace and self._hold_until == _NEVER:
             return  # already trusted (called for every tagged message)
         self.pace = 0.0
-        self._hold_until = -math.inf
+        self._hold_until = _NEVER
         self._awaiting = None
         if self._entries:
-            self._wake.set()
+            self._kick()
 
     def _dequeued(self, n: int) -> None:
         self.queued -= n
-        if self.queued < self.limit:
+        if self.queued < self.limit and self._room is not None:
             self._room.set()
 
     async def run(self) -> None:
         """The writer task: write queued messages in order until cancelled.
 
-        Raises the socket's OSError when a stream write fails (the transport
-        then closes the connection).
+        Started through :meth:`attach`'s ``spawn``. Raises the socket's
+        OSError when a stream write fails (the transport then closes the
+        connection).
         """
+        if self._wake is None:
+            self._wake = anyio.Event()
         entries = self._entries
+        if entries is None:
+            entries = self._entries = deque()
         while True:
             while entries and entries[0].dead:
                 entries.popleft()
@@ -245,7 +289,7 @@ class Outbox:
                 await self._wake.wait()
                 continue
             hold = self._hold_until
-            if anyio.current_time() < hold:
+            if self._now() < hold:
                 if self._wake.is_set():
                     self._wake = anyio.Event()
                 with anyio.CancelScope(deadline=hold):

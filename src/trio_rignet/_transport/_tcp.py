@@ -31,7 +31,7 @@ from .._errors import FramingError, PeerUnavailable
 from .._framing import StreamDecoder
 from .._ratelimit import RateLimit
 from .._uri import canonical_address
-from . import Address, Handler, Transport
+from . import Address, Handler, Transport, clock
 from ._outbox import Outbox
 
 __all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "HEALTHY_AFTER", "Connection", "TCPBase"]
@@ -42,6 +42,8 @@ BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
 HEALTHY_AFTER = 5.0
 CONNECT_TIMEOUT = 5.0
+READ_SIZE = 16384
+"""Bytes read from a connection at a time."""
 
 
 class Connection:
@@ -52,11 +54,11 @@ class Connection:
 
     __slots__ = (
         "abort",
-        "addr",
         "closed",
         "decoder",
         "io",
         "last_active",
+        "now",
         "opened",
         "outbox",
         "peer",
@@ -67,11 +69,11 @@ class Connection:
 
     def __init__(self, addr: Address, decoder: StreamDecoder, outbox: Outbox) -> None:
         outbox.conn = self
-        self.addr = addr
         self.peer = canonical_address(addr)
         self.decoder = decoder
         self.outbox = outbox
-        self.opened = self.last_active = anyio.current_time()
+        self.now = clock()
+        self.opened = self.last_active = self.now()
         self.talked = False
         self.closed = False
         self.reason = "closed the connection"
@@ -84,16 +86,17 @@ class Connection:
         """Nothing half-received and nothing waiting to be written."""
         return not self.decoder.buffered and not self.outbox.queued
 
-    def feed(self, chunk: bytes, handler: Handler) -> None:
-        """Frame ``chunk`` and hand each whole message to ``handler``.
+    def feed(self, chunk: bytes | bytearray | memoryview, handler: Handler) -> None:
+        """Frame ``chunk`` (not kept) and hand each whole message to ``handler``.
 
         Raises:
             FramingError: the stream cannot be framed.
         """
-        self.last_active = anyio.current_time()
+        self.last_active = self.now()
+        peer = self.peer
         for raw in self.decoder.feed(chunk):
             self.talked = True
-            handler._received(raw, self.addr)
+            handler._received(raw, peer)
 
     def close(self, reason: str | None = None) -> None:
         """Close now; ``reason`` (if given) is what the peer's loss is logged as."""
@@ -116,6 +119,18 @@ class TCPBase(Transport):
         self._conns: dict[Address, Connection] = {}
         self._client: Connection | None = None
         self._refused_log = RateLimit()
+        self._rbuf: memoryview | None = None
+
+    def _read_buffer(self) -> memoryview:
+        """The buffer every connection of this transport receives into.
+
+        Each receive is framed (copied out) before the next one, so one
+        buffer serves them all: no allocation per receive.
+        """
+        buf = self._rbuf
+        if buf is None:
+            buf = self._rbuf = memoryview(bytearray(READ_SIZE))
+        return buf
 
     # ------------------------------------------------------------ backend hooks
 
@@ -181,8 +196,21 @@ class TCPBase(Transport):
         if conn is self._client:
             self._set_connected(False)
 
+    def _lookup(self, addr: Address) -> Connection | None:
+        """The connection to ``addr`` (any form of the address), if any."""
+        if self.role == "client":
+            return self._client
+        conns = self._conns
+        conn = conns.get(addr)  # the canonical form: what connections hand the handler
+        return conns.get(canonical_address(addr)) if conn is None else conn
+
     def _conn(self, addr: Address) -> Connection:
-        conn = self._client if self.role == "client" else self._conns.get(canonical_address(addr))
+        if self.role == "client":  # _lookup, inlined
+            conn = self._client
+        else:
+            conn = self._conns.get(addr)
+            if conn is None:
+                conn = self._conns.get(canonical_address(addr))
         if conn is None or conn.closed:
             if self._closed:
                 raise PeerUnavailable(addr, "the endpoint is closed")
@@ -224,7 +252,7 @@ class TCPBase(Transport):
         """Bookkeeping once a connection has ended: forget it, tell the handler."""
         conn.closed = True
         self._forget(conn)
-        handler._peer_lost(conn.addr, conn.reason)
+        handler._peer_lost(conn.peer, conn.reason)
 
     # ----------------------------------------------------------------- sending
 
@@ -262,12 +290,12 @@ class TCPBase(Transport):
             log.warning("TCP peer %s %s", _fmt(conn.peer), conn.reason)
 
     def release(self, addr: Address, owner: Any) -> None:
-        conn = self._client if self.role == "client" else self._conns.get(canonical_address(addr))
+        conn = self._lookup(addr)
         if conn is not None:
             conn.outbox.release(owner)
 
     def trust(self, addr: Address) -> None:
-        conn = self._client if self.role == "client" else self._conns.get(canonical_address(addr))
+        conn = self._lookup(addr)
         if conn is not None:
             conn.outbox.trust()
 

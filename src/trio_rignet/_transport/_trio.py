@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import socket
 from typing import Any
@@ -90,13 +89,16 @@ class UDPTransport(Transport):
         self._outbox = outbox
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(outbox.run)
+                outbox.attach(functools.partial(tg.start_soon, outbox.run))
                 self._set_connected(True)
                 task_status.started()
-                await self._receive(sock, handler)
+                try:
+                    await self._receive(sock, handler)
+                finally:
+                    outbox.attach(None)
         finally:
             self._closed = True
-            self._connected.set()
+            self._set_connected(True)  # wake waiters: closed
             trio.lowlevel.notify_closing(sock)
             sock.close()
 
@@ -194,7 +196,7 @@ class TCPTransport(TCPBase):
                 await self._run_server(handler, task_status)
         finally:
             self._closed = True
-            self._connected.set()
+            self._set_connected(True)  # wake waiters: closed
             for conn in [*self._conns.values(), self._client]:
                 if conn is not None:
                     conn.close()
@@ -260,8 +262,11 @@ class TCPTransport(TCPBase):
                 if conn.closed:
                     return
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._write, conn)
-                    await self._read(conn, sock, handler)
+                    conn.outbox.attach(functools.partial(tg.start_soon, self._write, conn))
+                    try:
+                        await self._read(conn, sock, handler)
+                    finally:
+                        conn.outbox.attach(None)
                     tg.cancel_scope.cancel()
         finally:
             conn.closed = True
@@ -279,28 +284,30 @@ class TCPTransport(TCPBase):
             conn.close(f"connection lost ({exc})")
 
     async def _read(self, conn: Connection, sock: socket.socket, handler: Handler) -> None:
-        recv = sock.recv
+        recv_into = sock.recv_into
+        buf = self._read_buffer()
+        decoder = conn.decoder
         try:
             while True:
-                deadline = self._read_deadline(conn)
-                if deadline == math.inf:  # nothing half-received: no timer needed
+                if not decoder.buffered:  # nothing half-received: no timer needed
                     await trio.lowlevel.wait_readable(sock)
                 else:
+                    deadline = self._read_deadline(conn)
                     with trio.CancelScope(deadline=deadline) as scope:
                         await trio.lowlevel.wait_readable(sock)
                     if scope.cancelled_caught:
                         self._stalled(conn)
                         return
                 try:
-                    chunk = recv(65536)
+                    n = recv_into(buf)
                 except BlockingIOError:
                     continue
                 except OSError as exc:
                     conn.reason = f"connection lost ({exc})"
                     return
-                if not chunk:
-                    conn.decoder.eof()
+                if not n:
+                    decoder.eof()
                     return
-                conn.feed(chunk, handler)
+                conn.feed(buf[:n], handler)
         except FramingError as exc:
             self._unframeable(conn, exc)
