@@ -192,7 +192,8 @@ class EchoProtocol:
         self._event: Callable[[], Any] = anyio.Event  # the backend's own, once running
         self._scope: Callable[..., Any] = anyio.CancelScope
         self._closing = False
-        self._stopped = anyio.Event()
+        self._stopped: Any = None  # an Event, made when aclose() must wait for the tasks
+        self._finished = False
 
     # ------------------------------------------------------------------ opening
 
@@ -258,6 +259,12 @@ class EchoProtocol:
         with collapse_single():
             async with anyio.create_task_group() as tg:
                 await tg.start(self._run)
+                if self._role == "server":
+                    self.logger.info(
+                        "[%s] listening on %s",
+                        self.name,
+                        self.uri_of(self._transport.local_address),
+                    )
                 try:
                     yield self
                 finally:
@@ -270,20 +277,17 @@ class EchoProtocol:
                 self._now = clock()
                 self._event, self._scope = waiting()
                 self._events.start(tg.start_soon)
-                await tg.start(self._transport.run, self)
-                if self._role == "server":
-                    self.logger.info(
-                        "[%s] listening on %s",
-                        self.name,
-                        self.uri_of(self._transport.local_address),
-                    )
-                task_status.started()
+                # The transport runs in this task (one task per endpoint, not
+                # two); it reports started once its sockets are open.
+                await self._transport.run(self, task_status=task_status)
                 # Stay open until aclose(), even if a TCP client's connection
                 # drops: sends then fail with PeerUnavailable, not EndpointClosed.
                 await anyio.sleep_forever()
         finally:
             self._shut()
-            self._stopped.set()
+            self._finished = True
+            if self._stopped is not None:
+                self._stopped.set()
 
     def _shut(self) -> None:
         self._closing = True
@@ -306,7 +310,10 @@ class EchoProtocol:
             self._shut()
             if self._tg is not None:
                 self._tg.cancel_scope.cancel()
-        await self._stopped.wait()
+        if not self._finished:
+            if self._stopped is None:
+                self._stopped = anyio.Event()
+            await self._stopped.wait()
 
     # --------------------------------------------------------------- properties
 

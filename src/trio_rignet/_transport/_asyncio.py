@@ -64,18 +64,20 @@ class _Flow:
 
     def __init__(self) -> None:
         self.paused = False
-        self.resumed = anyio.Event()
+        self.resumed: anyio.Event | None = None  # made when someone waits
 
     def pause(self) -> None:
         self.paused = True
 
     def resume(self) -> None:
         self.paused = False
-        self.resumed.set()
+        if self.resumed is not None:
+            self.resumed.set()
+            self.resumed = None
 
     async def wait(self) -> None:
         while self.paused:
-            if self.resumed.is_set():
+            if self.resumed is None:
                 self.resumed = anyio.Event()
             await self.resumed.wait()
 
@@ -101,6 +103,9 @@ class _DatagramProtocol(asyncio.DatagramProtocol):
 
     def resume_writing(self) -> None:
         self.flow.resume()
+        outbox = self.owner._outbox
+        if outbox is not None:
+            outbox.drain()  # what waited for room: no writer task needed
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost.set()
@@ -160,17 +165,14 @@ class UDPTransport(Transport):
                 transport.sendto(data, wire_address(family, addr))
             return len(data)
 
+        # Never attached: asyncio buffers what the socket does not take, and
+        # what waits for room here is written by resume_writing (drain).
         outbox = Outbox(write, flow.wait, limit=self.config.out_limit, datagrams=True)
         self._outbox = outbox
         try:
-            async with anyio.create_task_group() as tg:
-                outbox.attach(functools.partial(tg.start_soon, outbox.run))
-                self._set_connected(True)
-                task_status.started()
-                try:
-                    await protocol.lost.wait()
-                finally:
-                    outbox.attach(None)
+            self._set_connected(True)
+            task_status.started()
+            await protocol.lost.wait()
         finally:
             self._closed = True
             self._set_connected(True)  # wake waiters: closed

@@ -160,7 +160,8 @@ class Outbox:
         if not entries and (hold == _NEVER or self._now() >= hold):
             n = self._write(data, addr)
             if n == len(data):  # the common case: _written, inlined
-                self._last = owner
+                if self._unflushed is not None:
+                    self._last = owner
                 if owner is not None:
                     owner.handle = self
                 if self.pace:
@@ -200,7 +201,8 @@ class Outbox:
             self._spawn()
 
     def _written(self, owner: Any) -> None:
-        self._last = owner
+        if self._unflushed is not None:  # only then is the last one asked about
+            self._last = owner
         if owner is not None:
             owner.handle = self
         if self.pace:
@@ -304,28 +306,52 @@ class Outbox:
                     raise TimeoutError(
                         f"{self.queued} bytes could not be written for {self.stall:g} s"
                     )
-            entry = entries[0]
-            if entry.dead:
-                continue
-            try:
-                n = self._write(entry.data, entry.addr)
-            except OSError as exc:
-                if not self.datagrams:
-                    raise
+            if not entries[0].dead:
+                self._write_head()
+
+    def drain(self) -> None:
+        """Write queued messages while the socket takes them, without waiting.
+
+        For a datagram transport that reports writability by callback
+        (asyncio's ``resume_writing``): it calls this instead of running a
+        writer task. No pacing.
+        """
+        entries = self._entries
+        while entries:
+            if entries[0].dead:
                 entries.popleft()
-                self._dequeued(len(entry.data))
-                if entry.owner is not None:
-                    entry.owner.handle = None  # failed: nothing to withdraw
-                if self.on_error is not None:
-                    self.on_error(entry.addr, exc)
-                continue
-            if not n:
-                continue
-            entry.started = True
-            if n < len(entry.data):
-                entry.data = memoryview(entry.data)[n:]
-                self._dequeued(n)
-                continue
+            elif not self._write_head():
+                return
+
+    def _write_head(self) -> bool:
+        """Write what the socket takes of the first queued message (not withdrawn).
+
+        Returns False if it took nothing. Raises the socket's OSError for a
+        stream; a failed datagram is dropped and reported to ``on_error``.
+        """
+        entries = self._entries
+        assert entries
+        entry = entries[0]
+        try:
+            n = self._write(entry.data, entry.addr)
+        except OSError as exc:
+            if not self.datagrams:
+                raise
             entries.popleft()
+            self._dequeued(len(entry.data))
+            if entry.owner is not None:
+                entry.owner.handle = None  # failed: nothing to withdraw
+            if self.on_error is not None:
+                self.on_error(entry.addr, exc)
+            return True
+        if not n:
+            return False
+        entry.started = True
+        if n < len(entry.data):
+            entry.data = memoryview(entry.data)[n:]
             self._dequeued(n)
-            self._written(entry.owner)
+            return True
+        entries.popleft()
+        self._dequeued(n)
+        self._written(entry.owner)
+        return True
