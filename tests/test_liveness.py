@@ -21,6 +21,8 @@ from contextlib import contextmanager
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trio_rignet import (
     Change,
@@ -30,7 +32,7 @@ from trio_rignet import (
     Services,
     ServicesError,
 )
-from trio_rignet._extensions import ClockEstimator
+from trio_rignet._extensions import ClockEstimator, PeerEntry
 
 pytestmark = pytest.mark.anyio
 
@@ -148,6 +150,40 @@ def test_estimator_uses_the_shortest_round_trips() -> None:
     assert abs(estimate.offset - true_offset) < 0.0005  # single samples are off by ms
     assert abs(estimate.drift) < 1e-4
     assert estimate.samples == 400
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(-0.001, 0.02),  # round trip, sometimes nonsense (negative)
+            st.floats(-0.05, 0.05),  # offset of this exchange
+            st.floats(0.0, 0.3),  # time since the previous exchange
+        ),
+        min_size=1,
+        max_size=150,
+    )
+)
+def test_the_reported_clock_is_always_a_fresh_estimate(
+    exchanges: list[tuple[float, float, float]],
+) -> None:
+    """Invariant: after every pong the status holds exactly what estimate() gives now.
+
+    The entry redoes the fit only when an exchange changed its inputs (a new best of
+    its window, or a window closed): this shows that skipping the others loses nothing.
+    """
+    entry = PeerEntry()
+    entry.clock = ClockEstimator(window=3, keep=10)  # small: windows close and fall out
+    t = 1000.0
+    for rtt, offset, gap in exchanges:
+        t += gap
+        t1 = t
+        entry.pinged(t1)
+        t2 = t1 + rtt / 2 + offset
+        t3 = t2 + 0.00001
+        t4 = t1 + rtt + 0.00001
+        assert entry.answered({"t1": t1, "t2": t2, "t3": t3}, t4)
+        assert entry.status.clock == entry.clock.estimate()
 
 
 async def test_a_late_completion_of_a_cancelled_call_does_not_answer_the_next() -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 __all__ = [
@@ -140,21 +140,31 @@ class ClockEstimator:
         self._best: tuple[float, float, float] | None = None  # (delay, mid time, offset)
         self._kept: deque[tuple[float, float, float]] = deque(maxlen=keep)
 
-    def add(self, t1: float, t2: float, t3: float, t4: float) -> None:
-        """One exchange: ``t1``/``t4`` on our clock, ``t2``/``t3`` on the peer's."""
+    def add(self, t1: float, t2: float, t3: float, t4: float) -> bool:
+        """One exchange: ``t1``/``t4`` on our clock, ``t2``/``t3`` on the peer's.
+
+        Returns True if :meth:`estimate` may have changed other than in its
+        ``samples`` count: the exchange beat its window's best so far, or
+        closed a window. Most exchanges do neither, and the fit need not be
+        redone for them.
+        """
         delay = (t4 - t1) - (t3 - t2)
         if not delay >= 0:  # clocks stepped, or nonsense: no information
-            return
-        offset = ((t2 - t1) + (t3 - t4)) / 2
-        sample = (delay, (t1 + t4) / 2, offset)
+            return False
         self.samples += 1
         self._count += 1
-        if self._best is None or delay < self._best[0]:
-            self._best = sample
+        changed = self._best is None or delay < self._best[0]
+        if changed:
+            self._best = (delay, (t1 + t4) / 2, ((t2 - t1) + (t3 - t4)) / 2)
         if self._count >= self.window or not self._kept:
+            # The kept window is the best it had, which the estimate already
+            # used as ``_best``; it changes the estimate only through the list
+            # of windows (which the fit reads).
             self._kept.append(self._best)
             self._best = None
             self._count = 0
+            changed = True
+        return changed
 
     def estimate(self) -> ClockEstimate | None:
         """The current estimate (None before the first exchange).
@@ -243,9 +253,13 @@ class PeerEntry:
             return False  # not ours (or too old): its timestamps prove nothing
         self.pings.remove(t1)
         t2, t3 = ext["t2"], ext["t3"]
-        self.clock.add(t1, t2, t3, t4)
-        self.status.rtt = (t4 - t1) - (t3 - t2)
-        self.status.clock = self.clock.estimate()
+        status = self.status
+        status.rtt = (t4 - t1) - (t3 - t2)
+        if self.clock.add(t1, t2, t3, t4) or status.clock is None:
+            status.clock = self.clock.estimate()
+        elif status.clock.samples != self.clock.samples:
+            # Same inputs, same estimate: only the count moves (no fit redone).
+            status.clock = replace(status.clock, samples=self.clock.samples)
         return True
 
 
