@@ -153,14 +153,15 @@ class ClockEstimator:
             return False
         self.samples += 1
         self._count += 1
-        changed = self._best is None or delay < self._best[0]
-        if changed:
-            self._best = (delay, (t1 + t4) / 2, ((t2 - t1) + (t3 - t4)) / 2)
+        best = self._best
+        changed = best is None or delay < best[0]
+        if best is None or changed:
+            best = self._best = (delay, (t1 + t4) / 2, ((t2 - t1) + (t3 - t4)) / 2)
         if self._count >= self.window or not self._kept:
             # The kept window is the best it had, which the estimate already
             # used as ``_best``; it changes the estimate only through the list
             # of windows (which the fit reads).
-            self._kept.append(self._best)
+            self._kept.append(best)
             self._best = None
             self._count = 0
             changed = True
