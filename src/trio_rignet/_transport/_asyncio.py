@@ -84,6 +84,8 @@ class _Flow:
 
 # ---------------------------------------------------------------------- UDP
 
+_DATAGRAM_BUFFER = 65536  # > the largest UDP payload (65,507 bytes over IPv4)
+
 
 class _DatagramProtocol(asyncio.DatagramProtocol):
     def __init__(self, owner: UDPTransport, handler: Handler) -> None:
@@ -151,6 +153,13 @@ class UDPTransport(Transport):
         self.local_address = ip_addr(transport.get_extra_info("sockname"))
         raw = transport.get_extra_info("socket")
         large_receive_buffer(raw)
+        # asyncio receives each datagram into a new buffer of the transport's
+        # max_size, 256 KiB: on Linux an mmap, page faults and an munmap per
+        # datagram. The largest UDP payload needs 64 KiB. (An attribute of the
+        # selector and proactor datagram transports alike; nothing changes
+        # where it is absent.)
+        if getattr(transport, "max_size", 0) > _DATAGRAM_BUFFER:
+            transport.max_size = _DATAGRAM_BUFFER  # type: ignore[attr-defined]
         family = raw.family
         flow = protocol.flow
         client = self.role == "client"
