@@ -400,3 +400,56 @@ def test_a_peer_message_is_dispatched_at_most_once_and_never_missed(arrivals: li
             raise AssertionError(f"first arrival of {seq} not dispatched: {verdict.name}")
         if not first and len(dispatched) <= limits.recent:
             assert verdict is Received.DUPLICATE or verdict is Received.STALE
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 60), st.just(-1)), max_size=300))
+def test_no_second_dispatch_when_a_flood_of_sessions_pushes_a_window_out(
+    events: list[int],
+) -> None:
+    """Rule 3 under a full window table (found by the adversarial review: a neighbour
+    sending thousands of tagged datagrams, each with a new session, pushed a rig's
+    (peer, session) window out, and a retransmission of a signal was dispatched again).
+
+    Invariant: whatever the flood (-1: five strangers' sessions arrive), each of the
+    peer's messages is dispatched at most once."""
+    limits = Limits(window=8, recent=32, sessions=4)
+    rig = EchoCore(stream=False, session=1, limits=limits)
+    sender = Tagger(7)
+    peer = ("10.0.0.1", 11001)
+    stranger = ("10.0.0.66", 11001)
+    next_session = 1000
+    dispatched: set[int] = set()
+    for seq in events:
+        if seq < 0:
+            for _ in range(5):
+                next_session += 1
+                rig.receive(stranger, Tagger(next_session).tag(b"[1, 0]", 1, None), 0.0)
+            continue
+        verdict = rig.receive(peer, sender.tag(b"[1, %d]" % seq, seq, None), 0.0)[0]
+        if verdict is Received.NEW:
+            assert seq not in dispatched, f"message {seq} dispatched twice"
+            dispatched.add(seq)
+
+
+def test_a_dropped_window_leaves_its_floor_with_the_peer() -> None:
+    """The example behind the property: dispatched, window pushed out, then repeats of it
+    (remembered: echoed again; forgotten: dropped) and newer messages (new)."""
+    limits = Limits(window=8, recent=4, sessions=2)
+    rig = EchoCore(stream=False, session=1, limits=limits)
+    sender = Tagger(7)
+    peer = ("10.0.0.1", 11001)
+
+    def arrive(seq: int) -> Received:
+        return rig.receive(peer, sender.tag(b"[2, %d]" % seq, seq, None), 0.0)[0]
+
+    assert arrive(5) is Received.NEW
+    for session in (100, 101):  # the table holds two windows: the peer's is dropped
+        rig.receive(("10.0.0.66", 1), Tagger(session).tag(b"[1, 0]", 1, None), 0.0)
+    assert arrive(5) is Received.DUPLICATE  # still in the recent table
+    for session in (102, 103, 104, 105):  # ...which forgets it too
+        rig.receive(("10.0.0.66", 1), Tagger(session).tag(b"[1, 0]", 1, None), 0.0)
+    assert arrive(5) is Received.STALE  # may have been dispatched: dropped
+    assert arrive(4) is Received.STALE
+    assert arrive(6) is Received.NEW  # newer than anything the dropped window saw
+    assert arrive(6) is Received.DUPLICATE

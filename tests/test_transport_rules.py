@@ -353,3 +353,34 @@ async def test_a_framing_bug_ends_the_endpoint_with_it(monkeypatch: pytest.Monke
     monkeypatch.setattr(StreamDecoder, "feed", buggy)
     with anyio.fail_after(SAFETY), pytest.raises(RuntimeError, match="injected framing bug"):
         await serve_the_bug()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts /proc/self/fd")
+async def test_connections_accepted_while_a_server_closes_are_closed() -> None:
+    """asyncio may hand a closing server connections it accepted: they were neither
+    served nor closed (found by the adversarial review: a loop error per connection
+    and one leaked socket each). They are closed now, and nothing is logged."""
+    import asyncio
+    import os
+
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+    fds_before = len(os.listdir("/proc/self/fd"))
+    socks = []
+    try:
+        async with EchoProtocol.server("ws://127.0.0.1:0") as server:
+            port = server.local_address[1]
+            for _ in range(20):  # connecting as the block ends
+                sock = socket.socket()
+                sock.setblocking(False)
+                with suppress(BlockingIOError):
+                    sock.connect((LOCALHOST, port))
+                socks.append(sock)
+            await anyio.lowlevel.checkpoint()
+        await anyio.sleep(0.2)  # let asyncio finish what it accepted
+        assert len(os.listdir("/proc/self/fd")) - fds_before == len(socks)
+        assert not errors
+    finally:
+        for sock in socks:
+            sock.close()

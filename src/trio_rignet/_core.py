@@ -228,13 +228,15 @@ class _Bounded(OrderedDict[_K, _V]):
 class _Peer:
     """What the core remembers of one peer (one entry of the peer table)."""
 
-    __slots__ = ("epoch", "heard", "seq", "session")
+    __slots__ = ("dropped", "epoch", "heard", "seq", "session")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq  # the last sequence number we used toward this peer
         self.epoch = 0  # moves on whenever we send it something or it echoes us (rule 5)
         self.heard = False  # it sent us a message
         self.session: int | None = None  # the session of its last tagged message
+        # (session, highest seq) of its window dropped from a full window table
+        self.dropped: tuple[int, int] | None = None
 
 
 class Send:
@@ -290,7 +292,7 @@ class Send:
 
 # Members as plain names: on the hot path, ``Received.ECHO`` costs an EnumType
 # attribute lookup (a __getattr__ hook on Python 3.11).
-_ECHO, _NEW, _OWN = Received.ECHO, Received.NEW, Received.OWN
+_ECHO, _NEW, _OWN, _STALE = Received.ECHO, Received.NEW, Received.OWN, Received.STALE
 _PENDING, _CONFIRMED = Outcome.PENDING, Outcome.CONFIRMED
 
 
@@ -674,7 +676,26 @@ class EchoCore:
         size = self.limits.window
         message = (peer, session, seq)
         if window is None:
-            windows.put(key, [seq, 1, None])
+            if message in self._recent:
+                return self._repeat(message)  # its window was dropped; it is remembered
+            floor = None
+            dropped = state.dropped
+            if dropped is not None and dropped[0] == session:
+                # This session's window was dropped (the table overflowed): what is
+                # not newer than its highest number may have been dispatched.
+                state.dropped = None
+                floor = (dropped[1] + 1) & _MASK32
+                if (seq - floor) & _MASK32 >= 1 << 31:
+                    self.stats.stale += 1
+                    state.dropped = dropped
+                    return _STALE
+            if len(windows) >= windows.capacity:
+                (old_peer, old_session), old_window = windows.popitem(last=False)
+                windows.evicted += 1
+                owner = peers.get(old_peer)
+                if owner is not None:
+                    owner.dropped = (old_session, old_window[0])
+            windows[key] = [seq, 1, floor]
         else:
             high, seen, floor = window
             ahead = (seq - high) & _MASK32
@@ -688,17 +709,18 @@ class EchoCore:
                 window[0] = seq
                 window[1] = 1
                 window[2] = None
-            elif behind < size:
-                if seen >> behind & 1:
-                    return self._repeat(message)
-                window[1] = seen | 1 << behind
-            elif message in self._recent:
+            elif behind < size and seen >> behind & 1:
+                return self._repeat(message)  # within the window, seen
+            elif behind >= size and message in self._recent:
                 return self._repeat(message)  # older than the window, still remembered
             elif floor is not None and (seq - floor) & _MASK32 >= 1 << 31:
-                # Below every number forgotten from the recent table: it may have
-                # been received and dispatched, so it is neither echoed nor dispatched.
+                # Below the floor: it may have been received and dispatched (its
+                # record forgotten from the recent table, or its window dropped),
+                # so it is neither echoed nor dispatched.
                 self.stats.stale += 1
-                return Received.STALE
+                return _STALE
+            elif behind < size:
+                window[1] = seen | 1 << behind
             # else: older than the window but never received (every copy so far
             # was lost): a new message.
             windows.move_to_end(key)

@@ -2,8 +2,10 @@
 
 A transport delivers each framed message to a :class:`Handler` and writes
 bytes to an address; it knows nothing of echoes or events. It is a
-structured task: :meth:`Transport.run` opens its sockets, runs every receive
-and writer task in its own task group, and closes everything when cancelled.
+structured task: :meth:`Transport.run` opens its sockets, receives in the task
+that calls it (the endpoint's own), starts any other task (a TCP server's
+connections, an outbox writer once a message has to wait) in a task group of
+its own, and closes everything when cancelled.
 
 Two backends share the rules (:mod:`._outbox`, :mod:`._tcp`):
 

@@ -358,8 +358,13 @@ class TCPTransport(TCPBase):
         conn.io = protocol
         conn.abort = transport.abort
         if self.role == "server":
-            assert self._tg is not None
             assert self._handler is not None
+            if self._tg is None or self._closed:
+                # Accepted while the server closes (asyncio may still hand over
+                # connections it accepted): close it, or it would leak.
+                conn.closed = True
+                transport.abort()
+                return conn
             if not self._admit(conn, self._handler):
                 conn.closed = True
                 transport.abort()
@@ -399,7 +404,10 @@ class TCPTransport(TCPBase):
                 self._tg = tg
                 self._set_connected(True)
                 task_status.started()
-                await anyio.sleep_forever()
+                try:
+                    await anyio.sleep_forever()
+                finally:
+                    self._tg = None  # closing: no new connection tasks from here on
         finally:
             server.close()
             for conn in list(self._conns.values()):

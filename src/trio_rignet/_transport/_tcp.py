@@ -308,7 +308,8 @@ class TCPBase(Transport):
             conn = await self._connect()
         except OSError as exc:
             if not self.config.reconnect:
-                raise PeerUnavailable(self.peer, f"cannot connect over TCP: {exc}") from exc
+                why = str(exc) or f"no answer within {CONNECT_TIMEOUT:g} s"  # a TimeoutError
+                raise PeerUnavailable(self.peer, f"cannot connect over TCP: {why}") from exc
             log.info(
                 "TCP connection to %s failed (%s); retrying in the background", _fmt(self.peer), exc
             )
