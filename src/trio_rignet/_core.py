@@ -183,7 +183,7 @@ class Limits:
     """
 
     sessions: int = 4096
-    recent: int = 16384
+    recent: int = 4096
     peers: int = 4096
     window: int = 1024
     reechoes: int = 16
@@ -587,8 +587,9 @@ class EchoCore:
                 return _ECHO, send
         tag = read_tag(key)
         if tag is not None:
-            verdict = self._check_tag(peer, tag)
-            if key[1:2] == b"{":  # [{...}]: the extension channel between trio-rignet peers
+            extension = key[1:2] == b"{"  # [{...}]: the channel between trio-rignet peers
+            verdict = self._check_tag(peer, tag, not extension)
+            if extension:
                 if verdict is None:
                     return Received.EXTENSION, (tag, key)
                 if verdict is Received.DUPLICATE:
@@ -657,8 +658,14 @@ class EchoCore:
         if state is not None:
             state.epoch += 1  # it echoed us (rule 5)
 
-    def _check_tag(self, peer: Address, tag: Tag) -> Received | None:
-        """The verdict on a tagged arrival that is not an awaited echo (None: new)."""
+    def _check_tag(self, peer: Address, tag: Tag, echoed: bool = True) -> Received | None:
+        """The verdict on a tagged arrival that is not an awaited echo (None: new).
+
+        ``echoed``: its repeats are echoed, so it is remembered in the recent
+        table (with its echo budget). Extension messages (heartbeats) are never
+        echoed: only their window bit records them, and they do not push
+        signals out of the recent table.
+        """
         session, seq, _ = tag
         if session == self.session:
             self.stats.late += 1
@@ -724,6 +731,8 @@ class EchoCore:
             # else: older than the window but never received (every copy so far
             # was lost): a new message.
             windows.move_to_end(key)
+        if not echoed:
+            return None
         recent = self._recent
         recent[message] = self.limits.reechoes  # recent.put, inlined
         recent.move_to_end(message)
