@@ -453,3 +453,25 @@ def test_a_dropped_window_leaves_its_floor_with_the_peer() -> None:
     assert arrive(4) is Received.STALE
     assert arrive(6) is Received.NEW  # newer than anything the dropped window saw
     assert arrive(6) is Received.DUPLICATE
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 40), max_size=200))
+def test_a_first_arrival_within_the_window_is_always_new(arrivals: list[int]) -> None:
+    """Rule 3's other half, when the recent table is smaller than a window (a main PC
+    hearing from many rigs forgets each rig's messages while they are still within its
+    window): a message whose number is within the window of the highest one received
+    and which has never been received is new, whatever was forgotten."""
+    limits = Limits(window=8, recent=4)
+    rig = EchoCore(stream=False, session=1, limits=limits)
+    sender = Tagger(7)
+    peer = ("10.0.0.1", 11001)
+    received: set[int] = set()
+    for seq in arrivals:
+        verdict = rig.receive(peer, sender.tag(b"[1, %d]" % seq, seq, None), 0.0)[0]
+        high = max(received, default=seq)
+        if seq not in received and high - seq < limits.window:
+            assert verdict is Received.NEW, f"first arrival of {seq} (high {high}): {verdict.name}"
+        if seq in received:
+            assert verdict is not Received.NEW, f"message {seq} dispatched twice"
+        received.add(seq)

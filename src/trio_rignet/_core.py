@@ -686,23 +686,26 @@ class EchoCore:
             if message in self._recent:
                 return self._repeat(message)  # its window was dropped; it is remembered
             floor = None
+            seen = 1
             dropped = state.dropped
             if dropped is not None and dropped[0] == session:
                 # This session's window was dropped (the table overflowed): what is
                 # not newer than its highest number may have been dispatched.
+                gap = (seq - dropped[1]) & _MASK32
+                if not gap or gap >= 1 << 31:
+                    self.stats.stale += 1
+                    return _STALE
                 state.dropped = None
                 floor = (dropped[1] + 1) & _MASK32
-                if (seq - floor) & _MASK32 >= 1 << 31:
-                    self.stats.stale += 1
-                    state.dropped = dropped
-                    return _STALE
+                if gap < size:  # the numbers up to its highest count as seen
+                    seen |= ((1 << size) - 1) & ~((1 << gap) - 1)
             if len(windows) >= windows.capacity:
                 (old_peer, old_session), old_window = windows.popitem(last=False)
                 windows.evicted += 1
                 owner = peers.get(old_peer)
                 if owner is not None:
                     owner.dropped = (old_session, old_window[0])
-            windows[key] = [seq, 1, floor]
+            windows[key] = [seq, seen, floor]
         else:
             high, seen, floor = window
             ahead = (seq - high) & _MASK32
@@ -716,9 +719,13 @@ class EchoCore:
                 window[0] = seq
                 window[1] = 1
                 window[2] = None
-            elif behind < size and seen >> behind & 1:
-                return self._repeat(message)  # within the window, seen
-            elif behind >= size and message in self._recent:
+            elif behind < size:
+                # Within the window its bit says it all (numbers of a dropped
+                # window count as seen, see above).
+                if seen >> behind & 1:
+                    return self._repeat(message)
+                window[1] = seen | 1 << behind
+            elif message in self._recent:
                 return self._repeat(message)  # older than the window, still remembered
             elif floor is not None and (seq - floor) & _MASK32 >= 1 << 31:
                 # Below the floor: it may have been received and dispatched (its
@@ -726,8 +733,6 @@ class EchoCore:
                 # so it is neither echoed nor dispatched.
                 self.stats.stale += 1
                 return _STALE
-            elif behind < size:
-                window[1] = seen | 1 << behind
             # else: older than the window but never received (every copy so far
             # was lost): a new message.
             windows.move_to_end(key)
