@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests.simnet import CoreNode, IblutilNode, Net, Node, Sim, identity
@@ -475,3 +476,111 @@ def test_a_first_arrival_within_the_window_is_always_new(arrivals: list[int]) ->
         if seq in received:
             assert verdict is not Received.NEW, f"message {seq} dispatched twice"
         received.add(seq)
+
+
+# Found by the second adversarial review (rule 3 at the edges of its tables), each
+# an example of its own; the property below covers them together.
+_P = ("10.0.0.1", 11001)
+_STRANGER = ("10.0.0.66", 1)
+
+
+def _arrive(core: EchoCore, seq: int, session: int = 7, ext: bool = False) -> Received:
+    body = b'[{"hb": %d}]' % (seq & 0xFFFF) if ext else b"[1, %d]" % (seq & 0xFFFF)
+    return core.receive(_P, Tagger(session).tag(body, seq & 0xFFFFFFFF, None), 0.0)[0]
+
+
+def _flood(core: EchoCore, first_session: int, count: int) -> None:
+    for session in range(first_session, first_session + count):
+        core.receive(_STRANGER, Tagger(session).tag(b"[1, 0]", 1, None), 0.0)
+
+
+def test_a_peer_that_draws_its_numbers_anew_still_gets_repeats_recognised() -> None:
+    """A sender that drew a new counter still retransmits the sends it had pending:
+    their copies are repeats, not new messages, in either order."""
+    core = EchoCore(stream=False, session=1)
+    assert [_arrive(core, s) for s in (100_000, 1, 100_000)] == [
+        Received.NEW,
+        Received.NEW,
+        Received.DUPLICATE,
+    ]
+    assert _arrive(core, 1) is Received.DUPLICATE
+
+
+def test_a_dropped_window_is_remembered_per_session() -> None:
+    """Two sessions of one peer (it restarted), both windows pushed out: a late copy of
+    the old session's message is not dispatched again."""
+    core = EchoCore(stream=False, session=1, limits=Limits(window=8, recent=2, sessions=2))
+    assert _arrive(core, 5, session=7) is Received.NEW
+    assert _arrive(core, 1, session=8) is Received.NEW
+    _flood(core, 100, 2)
+    assert _arrive(core, 5, session=7) is Received.STALE
+
+
+def test_a_dropped_window_does_not_silence_a_peer_that_drew_its_numbers_anew() -> None:
+    """The floor a dropped window leaves applies to the 65,536 numbers below its
+    highest, as within a window: a counter drawn anew far below is new."""
+    limits = Limits(window=8, recent=2, sessions=2)
+    core = EchoCore(stream=False, session=1, limits=limits)
+    assert _arrive(core, 1_000_000_000) is Received.NEW
+    _flood(core, 100, 2)
+    assert [_arrive(core, s) for s in range(100_000, 100_005)] == [Received.NEW] * 5
+
+
+def test_forgetting_a_number_of_a_previous_counter_raises_no_floor() -> None:
+    """After a counter drawn anew, the recent table forgetting the old counter's
+    numbers must not drop first arrivals of the new one."""
+    core = EchoCore(stream=False, session=1, limits=Limits(window=8, recent=64))
+    assert all(_arrive(core, s) is Received.NEW for s in range(100_000, 100_010))
+    assert all(_arrive(core, s) is Received.NEW for s in range(1, 61) if s != 30)
+    assert _arrive(core, 30) is Received.NEW
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("msg"), st.integers(0, 60)),
+            st.tuples(st.sampled_from(["flood", "heartbeats"]), st.integers(1, 6)),
+        ),
+        max_size=120,
+    ),
+    st.sampled_from([(8, 4, 2), (8, 16, 3), (4, 64, 2), (16, 6, 4)]),
+)
+def test_at_most_once_with_heartbeats_floods_and_the_wrap(
+    events: list[tuple[str, int]], sizes: tuple[int, int, int]
+) -> None:
+    """Rule 3 with everything at once (after the review's fuzzer): a peer's signals and
+    heartbeats share one counter that wraps past 2**32, while one stranger floods new
+    sessions (signals or heartbeats) through small tables. Each signal is dispatched at
+    most once, and the tables stay within their limits."""
+    window, recent, sessions = sizes
+    core = EchoCore(
+        stream=False, session=1, limits=Limits(window=window, recent=recent, sessions=sessions)
+    )
+    base = (1 << 32) - 30
+    dispatched: set[int] = set()
+    next_session = 10_000
+    for kind, n in events:
+        if kind == "msg":
+            ext = n % 3 == 0
+            verdict = _arrive(core, base + n, ext=ext)
+            if verdict is Received.NEW:
+                assert n not in dispatched, f"signal {n} dispatched twice"
+                dispatched.add(n)
+            continue
+        body = b'[{"hb": 0}]' if kind == "heartbeats" else b"[1, 0]"
+        for _ in range(n):
+            next_session += 1
+            core.receive(_STRANGER, Tagger(next_session).tag(body, 1, None), 0.0)
+        sizes_now = core.table_sizes()
+        assert sizes_now["windows"] <= sessions
+        assert sizes_now["recent"] <= recent
+
+
+def test_limits_are_checked() -> None:
+    """A table of no entries is a configuration error, said at once (it raised a
+    KeyError from inside the core on the first message)."""
+    with pytest.raises(ValueError, match="sessions"):
+        Limits(sessions=0)
+    with pytest.raises(ValueError, match="bounce_window"):
+        Limits(bounce_window=0)

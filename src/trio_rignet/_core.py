@@ -190,6 +190,14 @@ class Limits:
     bounce_after: int = 32
     bounce_window: float = 0.02
 
+    def __post_init__(self) -> None:
+        for name in ("sessions", "recent", "peers", "window", "reechoes", "bounce_after"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Limits.{name} must be a whole number, 1 or more: {value!r}")
+        if not self.bounce_window > 0:
+            raise ValueError(f"Limits.bounce_window must be positive, got {self.bounce_window!r}")
+
 
 _K = TypeVar("_K", bound=Hashable)
 _V = TypeVar("_V")
@@ -235,7 +243,8 @@ class _Peer:
         self.epoch = 0  # moves on whenever we send it something or it echoes us (rule 5)
         self.heard = False  # it sent us a message
         self.session: int | None = None  # the session of its last tagged message
-        # (session, highest seq) of its window dropped from a full window table
+        # (session, highest seq) of its latest window dropped from a full window
+        # table: kept here too, where a flood from other hosts cannot push it out
         self.dropped: tuple[int, int] | None = None
 
 
@@ -340,6 +349,8 @@ class EchoCore:
         self._windows: _Bounded[tuple[Address, int], list[Any]] = _Bounded(limits.sessions)
         # (peer, session, seq) -> echoes left for repeats of that message
         self._recent: _Bounded[tuple[Address, int, int], int] = _Bounded(limits.recent)
+        # (peer, session) -> highest seq of its window, dropped from a full window table
+        self._dropped: _Bounded[tuple[Address, int], int] = _Bounded(limits.sessions)
         self._keys: _Bounded[tuple[Any, ...], Address] = _Bounded(limits.peers)
         # Rule 5. (peer, hash of an untagged message) -> [epoch, repeats in a row, when]
         self._streaks: _Bounded[tuple[Address, int], list[Any]] = _Bounded(limits.peers * 4)
@@ -687,29 +698,40 @@ class EchoCore:
                 return self._repeat(message)  # its window was dropped; it is remembered
             floor = None
             seen = 1
-            dropped = state.dropped
-            if dropped is not None and dropped[0] == session:
+            dropped = self._dropped.get(key)
+            if dropped is None and state.dropped is not None and state.dropped[0] == session:
+                dropped = state.dropped[1]
+            if dropped is not None:
                 # This session's window was dropped (the table overflowed): what is
                 # not newer than its highest number may have been dispatched.
-                gap = (seq - dropped[1]) & _MASK32
-                if not gap or gap >= 1 << 31:
+                gap = (seq - dropped) & _MASK32
+                if gap == 0 or (1 << 32) - gap < _RESTARTED:
                     self.stats.stale += 1
                     return _STALE
-                state.dropped = None
-                floor = (dropped[1] + 1) & _MASK32
-                if gap < size:  # the numbers up to its highest count as seen
-                    seen |= ((1 << size) - 1) & ~((1 << gap) - 1)
+                self._dropped.pop(key, None)
+                if state.dropped is not None and state.dropped[0] == session:
+                    state.dropped = None
+                if gap < 1 << 31:  # newer: the numbers up to its highest count as seen
+                    floor = (dropped + 1) & _MASK32
+                    if gap < size:
+                        seen |= ((1 << size) - 1) & ~((1 << gap) - 1)
+                # else far behind: the peer drew its numbers anew (see below)
             if len(windows) >= windows.capacity:
-                (old_peer, old_session), old_window = windows.popitem(last=False)
+                old_key, old_window = windows.popitem(last=False)
                 windows.evicted += 1
-                owner = peers.get(old_peer)
+                self._dropped.put(old_key, old_window[0])
+                owner = peers.get(old_key[0])
                 if owner is not None:
-                    owner.dropped = (old_session, old_window[0])
+                    owner.dropped = (old_key[1], old_window[0])
             windows[key] = [seq, seen, floor]
         else:
             high, seen, floor = window
             ahead = (seq - high) & _MASK32
             behind = (high - seq) & _MASK32
+            if ((ahead and ahead < 1 << 31) or behind >= _RESTARTED) and message in self._recent:
+                # Received before the window was started anew (a peer that drew its
+                # numbers anew still retransmits the sends it had pending).
+                return self._repeat(message)
             if ahead and ahead < 1 << 31:  # newer than any seen: slide the window
                 window[0] = seq
                 window[1] = ((seen << ahead) | 1) & ((1 << size) - 1) if ahead < size else 1
@@ -745,7 +767,12 @@ class EchoCore:
         if forgotten is not None:
             recent.evicted += 1
             old = self._windows.get((forgotten[0], forgotten[1]))
-            if old is not None and (old[2] is None or (forgotten[2] - old[2]) & _MASK32 < 1 << 31):
+            if (
+                old is not None
+                # A number of the peer's current run (not of one it drew anew since)
+                and (old[0] - forgotten[2]) & _MASK32 < _RESTARTED
+                and (old[2] is None or (forgotten[2] - old[2]) & _MASK32 < 1 << 31)
+            ):
                 old[2] = (forgotten[2] + 1) & _MASK32
         return None
 
