@@ -37,7 +37,7 @@ from ._sockets import (
     udp_error,
     wire_address,
 )
-from ._tcp import CONNECT_TIMEOUT, Connection, TCPBase
+from ._tcp import CONNECT_TIMEOUT, READ_SIZE, Connection, TCPBase
 
 __all__ = ["TCPTransport", "UDPTransport"]
 
@@ -324,6 +324,19 @@ class TCPTransport(TCPBase):
         super().__init__(*args, **kwargs)
         self._tg: TaskGroup | None = None
         self._handler: Handler | None = None
+        self._rbuf: memoryview | None = None
+
+    def _read_buffer(self) -> memoryview:
+        """The buffer every connection of this transport receives into.
+
+        asyncio fills it and hands it over in one step (selector loops), or
+        copies into it from its own (proactor), and each receive is framed
+        (copied out) before the next: one buffer serves them all.
+        """
+        buf = self._rbuf
+        if buf is None:
+            buf = self._rbuf = memoryview(bytearray(READ_SIZE))
+        return buf
 
     def _connection_made(
         self, transport: asyncio.Transport, protocol: _StreamProtocol

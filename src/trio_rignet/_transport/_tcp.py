@@ -119,18 +119,6 @@ class TCPBase(Transport):
         self._conns: dict[Address, Connection] = {}
         self._client: Connection | None = None
         self._refused_log = RateLimit()
-        self._rbuf: memoryview | None = None
-
-    def _read_buffer(self) -> memoryview:
-        """The buffer every connection of this transport receives into.
-
-        Each receive is framed (copied out) before the next one, so one
-        buffer serves them all: no allocation per receive.
-        """
-        buf = self._rbuf
-        if buf is None:
-            buf = self._rbuf = memoryview(bytearray(READ_SIZE))
-        return buf
 
     # ------------------------------------------------------------ backend hooks
 

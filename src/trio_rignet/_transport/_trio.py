@@ -34,7 +34,7 @@ from ._sockets import (
     udp_error,
     wire_address,
 )
-from ._tcp import CONNECT_TIMEOUT, Connection, TCPBase
+from ._tcp import CONNECT_TIMEOUT, READ_SIZE, Connection, TCPBase
 
 __all__ = ["TCPTransport", "UDPTransport"]
 
@@ -284,8 +284,7 @@ class TCPTransport(TCPBase):
             conn.close(f"connection lost ({exc})")
 
     async def _read(self, conn: Connection, sock: socket.socket, handler: Handler) -> None:
-        recv_into = sock.recv_into
-        buf = self._read_buffer()
+        recv = sock.recv
         decoder = conn.decoder
         try:
             while True:
@@ -299,15 +298,17 @@ class TCPTransport(TCPBase):
                         self._stalled(conn)
                         return
                 try:
-                    n = recv_into(buf)
+                    # A new bytes object per read (allocated at READ_SIZE, shrunk):
+                    # the framer's regular expressions scan bytes faster than a view.
+                    chunk = recv(READ_SIZE)
                 except BlockingIOError:
                     continue
                 except OSError as exc:
                     conn.reason = f"connection lost ({exc})"
                     return
-                if not n:
+                if not chunk:
                     decoder.eof()
                     return
-                conn.feed(buf[:n], handler)
+                conn.feed(chunk, handler)
         except FramingError as exc:
             self._unframeable(conn, exc)
