@@ -354,6 +354,7 @@ class EchoCore:
         self._keys: _Bounded[tuple[Any, ...], Address] = _Bounded(limits.peers)
         # Rule 5. (peer, hash of an untagged message) -> [epoch, repeats in a row, when]
         self._streaks: _Bounded[tuple[Address, int], list[Any]] = _Bounded(limits.peers * 4)
+        self._window_mask = (1 << limits.window) - 1  # a window's bits (made once)
         self._srtt = math.nan  # RFC 6298 round-trip estimate, from unretransmitted sends
         self._rttvar = 0.0
 
@@ -714,7 +715,7 @@ class EchoCore:
                 if gap < 1 << 31:  # newer: the numbers up to its highest count as seen
                     floor = (dropped + 1) & _MASK32
                     if gap < size:
-                        seen |= ((1 << size) - 1) & ~((1 << gap) - 1)
+                        seen |= self._window_mask & ~((1 << gap) - 1)
                 # else far behind: the peer drew its numbers anew (see below)
             if len(windows) >= windows.capacity:
                 old_key, old_window = windows.popitem(last=False)
@@ -734,7 +735,7 @@ class EchoCore:
                 return self._repeat(message)
             if ahead and ahead < 1 << 31:  # newer than any seen: slide the window
                 window[0] = seq
-                window[1] = ((seen << ahead) | 1) & ((1 << size) - 1) if ahead < size else 1
+                window[1] = ((seen << ahead) | 1) & self._window_mask if ahead < size else 1
             elif behind >= _RESTARTED:
                 # Far behind: the peer forgot us and drew a new random first number
                 # (its table of peers overflowed), not a repeat of that long ago.
