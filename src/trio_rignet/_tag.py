@@ -102,22 +102,8 @@ _HEADER0 = _SPELL[VERSION << 4] + b"]"
 _HEADER1 = _SPELL[VERSION << 4 | FLAG_REF] + b"]"
 
 
-def _body_start(message: bytes) -> tuple[int, int] | None:
-    """``(index of the marker, flags)`` of the tag in ``message``, or None."""
-    if message[-1:] != b"]":
-        return None
-    flags = _HEADERS.get(message[-1 - _HEADER_CHARS : -1])
-    if flags is None:
-        return None
-    start = len(message) - 2 - _HEADER_CHARS - _BODY_CHARS[flags]
-    if start < 1 or message[start] != _MARKER:
-        return None
-    return start, flags
-
-
 def read_tag(message: bytes) -> Tag | None:
     """The tag of ``message`` (outer whitespace stripped), or None if it has none."""
-    # _body_start, inlined: this runs for every message received.
     if message[-1:] != b"]":
         return None
     flags = _HEADERS.get(message[-1 - _HEADER_CHARS : -1])
@@ -142,7 +128,8 @@ def read_tag(message: bytes) -> Tag | None:
 
 def strip_tag(message: bytes) -> bytes:
     """``message`` without its tag (unchanged if it has none)."""
-    found = _body_start(message)
-    if found is None or read_tag(message) is None:
+    tag = read_tag(message)
+    if tag is None:
         return message
-    return message[: found[0]] + b"]"
+    body = _BODY_CHARS[0 if tag[2] is None else FLAG_REF]
+    return message[: len(message) - 2 - _HEADER_CHARS - body] + b"]"

@@ -159,14 +159,8 @@ class Outbox:
         hold = self._hold_until
         if not entries and (hold == _NEVER or self._now() >= hold):
             n = self._write(data, addr)
-            if n == len(data):  # the common case: _written, inlined
-                if self._unflushed is not None:
-                    self._last = owner
-                if owner is not None:
-                    owner.handle = self
-                if self.pace:
-                    self._hold_until = self._now() + self.pace
-                    self._awaiting = owner
+            if n == len(data):  # the common case: written whole at once
+                self._written(owner)
                 return
             entry = _Entry(self, memoryview(data)[n:] if n else data, addr, owner, n > 0)
         else:

@@ -193,12 +193,7 @@ class TCPBase(Transport):
         return conns.get(canonical_address(addr)) if conn is None else conn
 
     def _conn(self, addr: Address) -> Connection:
-        if self.role == "client":  # _lookup, inlined
-            conn = self._client
-        else:
-            conn = self._conns.get(addr)
-            if conn is None:
-                conn = self._conns.get(canonical_address(addr))
+        conn = self._lookup(addr)
         if conn is None or conn.closed:
             if self._closed:
                 raise PeerUnavailable(addr, "the endpoint is closed")
