@@ -11,6 +11,8 @@ from __future__ import annotations
 import doctest
 import itertools
 import json
+import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -280,6 +282,58 @@ def test_matches_reference_framer(limit: int, case: tuple[bytes, list[bytes]]) -
     assert error_at is None
     assert out == [m for m, _ in expected]
     assert decoder.buffered == buffered
+
+
+def nesting_depth(message: bytes) -> int:
+    """How deep the brackets of a well-framed message nest (strings skipped)."""
+    depth = deepest = 0
+    in_string = escape = False
+    for byte in message:
+        if in_string:
+            if escape:
+                escape = False
+            elif byte == ord("\\"):
+                escape = True
+            elif byte == ord('"'):
+                in_string = False
+        elif byte == ord('"'):
+            in_string = True
+        elif byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth -= 1
+    return deepest
+
+
+@pytest.mark.parametrize("star", [b"*+", b"*"], ids=["possessive", "backtracking"])
+@given(data=any_bytes | encoded_streams().map(lambda c: c[1].lstrip()))
+def test_whole_message_regex_matches_reference(star: bytes, data: bytes) -> None:
+    """The fast path's regex (either repetition) matches exactly the first message
+    the naive framer finds at byte 0, when it nests at most _WHOLE_DEPTH deep."""
+    if star == b"*+" and sys.version_info < (3, 11):
+        pytest.skip("possessive repetition needs Python 3.11")
+    pattern = framing_module._whole_message(framing_module._WHOLE_DEPTH, star)
+    match = re.compile(pattern, re.DOTALL).match(data)
+    expected, _, _ = reference_frame(data, len(data) + 1)
+    first = expected[0][0] if expected and data.startswith(expected[0][0]) else None
+    if first is not None and nesting_depth(first) <= framing_module._WHOLE_DEPTH:
+        assert match is not None
+        assert match.group() == first
+    else:
+        assert match is None
+
+
+def test_messages_deeper_than_the_fast_path_framed_in_any_order() -> None:
+    deep = b'[1, [[[[["]"]]]]], {"a": {"b": [{"c": "}"}]}}]'
+    shallow = b'[2, "x", [3, {"y": [4]}]]'
+    assert nesting_depth(deep) > framing_module._WHOLE_DEPTH
+    assert nesting_depth(shallow) == framing_module._WHOLE_DEPTH
+    stream = shallow + deep + b"\n" + shallow + b" " + deep + deep[:7]
+    decoder = StreamDecoder()
+    assert decoder.feed(stream) == [shallow, deep, shallow, deep]
+    assert decoder.feed(deep[7:] + shallow) == [deep, shallow]
+    assert decoder.buffered == 0
 
 
 # --------------------------------------------------------------------------- examples

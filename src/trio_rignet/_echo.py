@@ -67,6 +67,11 @@ __all__ = ["EchoProtocol", "EchoStats", "EndpointOptions", "StatusLike"]
 
 log = logging.getLogger("trio_rignet.echo")
 
+# Members as plain names: on the hot path, ``Received.ECHO`` costs an EnumType
+# attribute lookup (a __getattr__ hook on Python 3.11).
+_ECHO, _NEW = Received.ECHO, Received.NEW
+_PENDING, _CONFIRMED = Outcome.PENDING, Outcome.CONFIRMED
+
 StatusLike: TypeAlias = "str | int | ExpStatus"
 
 TAG_ROOM = 64
@@ -595,7 +600,7 @@ class EchoProtocol:
                 # fail_after's semantics with a bare cancel scope: no generator on the hot path
                 with self._scope(deadline=min(send.retry_at, send.deadline)):  # send.wake_at
                     await waiter.wait()
-                if send.outcome is not Outcome.PENDING:
+                if send.outcome is not _PENDING:
                     break
                 resend = core.on_timer(send, self._now())
                 if resend is not None:
@@ -605,7 +610,7 @@ class EchoProtocol:
                 transport.abandon(send)
             raise
         outcome = send.outcome
-        if outcome is Outcome.CONFIRMED:
+        if outcome is _CONFIRMED:
             return send
         if outcome is Outcome.TIMED_OUT:
             transport.abandon(send)
@@ -887,7 +892,7 @@ class EchoProtocol:
         """
         try:
             verdict, detail = self._core.receive(addr, raw, self._now())
-            if verdict is Received.ECHO:  # the common case, handled inline
+            if verdict is _ECHO:  # the common case, handled inline
                 _wake(detail)
                 self._transport.release(addr, detail)
             else:
@@ -904,7 +909,7 @@ class EchoProtocol:
 
     def _handle(self, verdict: Received, detail: Any, raw: bytes, addr: Address) -> None:
         """Do what the core decided about a message that is not an awaited echo."""
-        if verdict is Received.NEW:
+        if verdict is _NEW:
             msg: Message = detail
             if msg.event:
                 if self._transmit(raw, addr):

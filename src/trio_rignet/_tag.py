@@ -41,15 +41,17 @@ FLAG_REF = 0x1
 
 _DIGITS = b" \t\r\n"
 _MARKER = 0x09  # '\t'
-_CLOSE = 0x5D  # ']'
-_WHITESPACE = frozenset(_DIGITS)
 _TO_BASE4 = bytes.maketrans(_DIGITS, b"0123")
 _SPELL = [bytes(_DIGITS[(b >> s) & 3] for s in (6, 4, 2, 0)) for b in range(256)]
 """Byte value -> its four whitespace digits."""
 
 _HEADER_CHARS = 4
 _BODY_CHARS = {0: 36, 1: 52}  # flags -> whitespace bytes of the body (72 or 104 bits)
-_HEADERS = {_SPELL[VERSION << 4 | flags]: flags for flags in _BODY_CHARS}
+_LAYOUTS = {
+    _SPELL[VERSION << 4 | flags] + b"]": (flags, 1 + body + _HEADER_CHARS + 1)
+    for flags, body in _BODY_CHARS.items()
+}
+"""A message's last 5 bytes (header and ``]``) -> (flags, bytes from the marker to the end)."""
 _MASK32 = 0xFFFFFFFF
 
 
@@ -104,16 +106,15 @@ _HEADER1 = _SPELL[VERSION << 4 | FLAG_REF] + b"]"
 
 def read_tag(message: bytes) -> Tag | None:
     """The tag of ``message`` (outer whitespace stripped), or None if it has none."""
-    if message[-1:] != b"]":
+    layout = _LAYOUTS.get(message[-5:])  # -5: the header and the closing bracket
+    if layout is None:
         return None
-    flags = _HEADERS.get(message[-1 - _HEADER_CHARS : -1])
-    if flags is None:
-        return None
-    start = len(message) - 2 - _HEADER_CHARS - _BODY_CHARS[flags]
+    flags, size = layout
+    start = len(message) - size
     if start < 1 or message[start] != _MARKER:
         return None
     try:  # ValueError: a byte of the body is not whitespace
-        value = int(message[start + 1 : -1 - _HEADER_CHARS].translate(_TO_BASE4), 4)
+        value = int(message[start + 1 : -5].translate(_TO_BASE4), 4)
     except ValueError:
         return None
     ref = None
@@ -131,5 +132,5 @@ def strip_tag(message: bytes) -> bytes:
     tag = read_tag(message)
     if tag is None:
         return message
-    body = _BODY_CHARS[0 if tag[2] is None else FLAG_REF]
-    return message[: len(message) - 2 - _HEADER_CHARS - body] + b"]"
+    size = _LAYOUTS[message[-5:]][1]
+    return message[: len(message) - size] + b"]"
