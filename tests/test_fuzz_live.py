@@ -106,3 +106,29 @@ async def test_a_peer_that_never_reads_is_disconnected_alone(
             tg.cancel_scope.cancel()
         assert rig.stats.received > 1000  # it really flooded
         assert "(it is not reading)" in caplog.text
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(bursts=st.lists(st.integers(1, 60), min_size=1, max_size=8))
+async def test_udp_datagrams_in_any_bursts_are_all_received_in_order(bursts: list[int]) -> None:
+    """However datagrams bunch up (single ones between bursts, bursts after a
+    quiet spell), an endpoint receives every one, once, in order. (It reads
+    one datagram per wake-up while they come one by one, and until the socket
+    is empty once they bunch up.)"""
+    got: list[int] = []
+    sent = 0
+    with anyio.fail_after(20):
+        async with (
+            EchoProtocol.server("udp://127.0.0.1:0") as rig,
+            rig.subscribe("info") as messages,
+        ):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+                for size in bursts:
+                    for _ in range(size):
+                        raw.sendto(b"[64, %d]" % sent, rig.local_address)
+                        sent += 1
+                    while len(got) < sent:
+                        got.append((await messages.receive()).data[0])
+    assert got == list(range(sent))

@@ -285,7 +285,7 @@ class Send:
         self.retry_at = math.inf
         self.rto = 0.0
         self.retransmits = 0
-        self.outcome = Outcome.PENDING
+        self.outcome = _PENDING
         self.reason = ""  # why it ended UNAVAILABLE, as the shell reported it
         self.waiter: Any = None
         self.handle: Any = None
@@ -764,17 +764,15 @@ class EchoCore:
         recent = self._recent
         recent[message] = self.limits.reechoes  # recent.put, inlined
         recent.move_to_end(message)
-        forgotten = recent.popitem(last=False)[0] if len(recent) > recent.capacity else None
-        if forgotten is not None:
+        if len(recent) > recent.capacity:
+            old_peer, old_session, old_seq = recent.popitem(last=False)[0]
             recent.evicted += 1
-            old = self._windows.get((forgotten[0], forgotten[1]))
-            if (
-                old is not None
-                # A number of the peer's current run (not of one it drew anew since)
-                and (old[0] - forgotten[2]) & _MASK32 < _RESTARTED
-                and (old[2] is None or (forgotten[2] - old[2]) & _MASK32 < 1 << 31)
-            ):
-                old[2] = (forgotten[2] + 1) & _MASK32
+            old = windows.get((old_peer, old_session))
+            # A number of the peer's current run (not of one it drew anew since)
+            if old is not None and (old[0] - old_seq) & _MASK32 < _RESTARTED:
+                old_floor = old[2]
+                if old_floor is None or (old_seq - old_floor) & _MASK32 < 1 << 31:
+                    old[2] = (old_seq + 1) & _MASK32
         return None
 
     def _repeat(self, key: tuple[Address, int, int]) -> Received:

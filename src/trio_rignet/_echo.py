@@ -913,8 +913,9 @@ class EchoProtocol:
             msg: Message = detail
             if msg.event:
                 if self._transmit(raw, addr):
-                    self._core.stats.echoed += 1
-                    self._core.stats.sent += 1
+                    stats = self._core.stats
+                    stats.echoed += 1
+                    stats.sent += 1
                 if msg.tag is not None:
                     self._transport.trust(addr)
             else:
