@@ -29,6 +29,7 @@ from trio_rignet import (
     parse_message,
 )
 from trio_rignet._messages import (
+    _loads,
     build_alyx,
     build_cleanup,
     build_error,
@@ -528,3 +529,28 @@ class TestParseMessage:
     def test_round_trip(self, event: ExpMessage, data: list[Any]) -> None:
         message = parse_message(build_event(event, *data), ADDR)
         assert message == Message(event, data, ADDR)
+
+
+_json_text = st.one_of(
+    st.text(max_size=40),
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner),
+        max_leaves=8,
+    ).map(json.dumps),
+)
+
+
+@given(_json_text, st.sampled_from(["", " ", "\n", "\t ", "x", "[1]", "]"]))
+def test_the_fast_json_parse_is_json_loads(text: str, suffix: str) -> None:
+    """parse_message's JSON step returns what json.loads returns, or raises the same error."""
+    for candidate in (text, text + suffix, suffix + text):
+        try:
+            expected: Any = ("value", json.loads(candidate))
+        except (ValueError, RecursionError) as exc:
+            expected = ("error", type(exc), str(exc))
+        try:
+            got: Any = ("value", _loads(candidate))
+        except (ValueError, RecursionError) as exc:
+            got = ("error", type(exc), str(exc))
+        assert repr(got) == repr(expected)

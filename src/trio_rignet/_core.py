@@ -599,7 +599,7 @@ class EchoCore:
                 return _ECHO, send
         tag = read_tag(key)
         if tag is not None:
-            extension = key[1:2] == b"{"  # [{...}]: the channel between trio-rignet peers
+            extension = key[1] == 0x7B  # [{...}]: the channel between trio-rignet peers
             verdict = self._check_tag(peer, tag, not extension)
             if extension:
                 if verdict is None:

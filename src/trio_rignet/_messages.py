@@ -8,6 +8,7 @@ same wire format.
 from __future__ import annotations
 
 import json
+import json.scanner
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
@@ -330,6 +331,22 @@ class Message:
         return not self.event
 
 
+# What json.loads calls (typeshed has the decoder argument's type wrong).
+_scan_once = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+
+
+def _loads(text: str) -> Any:
+    """``json.loads(text)``, without its Python-level wrappers when ``text`` is one
+    value from its first character to its last (how messages arrive)."""
+    try:
+        obj, end = _scan_once(text, 0)
+    except StopIteration:
+        return json.loads(text)  # leading whitespace, or invalid: json's own errors
+    if end != len(text):
+        return json.loads(text)  # trailing whitespace, or extra data
+    return obj
+
+
 def parse_message(
     raw: bytes, addr: Address | None = None, tag: tuple[int, int, int | None] | None = None
 ) -> Message:
@@ -341,7 +358,7 @@ def parse_message(
             not ``[0, str, event]``.
     """
     try:
-        obj = json.loads(raw.decode())
+        obj = _loads(raw.decode())
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MessageError(f"not a UTF-8 JSON message ({exc})") from None
     if type(obj) is not list:

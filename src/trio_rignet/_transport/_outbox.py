@@ -37,7 +37,7 @@ import anyio
 
 from . import clock
 
-__all__ = ["Outbox"]
+__all__ = ["Outbox", "Write"]
 
 Address = tuple[str, int]
 _NEVER = -math.inf  # no hold
@@ -152,15 +152,18 @@ class Outbox:
         """Write ``data`` now if possible, else queue it; never blocks.
 
         ``owner`` (a confirmed send) gets ``owner.handle`` set to the queued
-        entry, then to this outbox once written. Raises the socket's OSError
-        if the immediate write fails.
+        entry, then to this outbox once written (left None when it is written
+        at once and neither pacing nor an unflushed transport can ask about
+        it: there is nothing to withdraw). Raises the socket's OSError if the
+        immediate write fails.
         """
         entries = self._entries
         hold = self._hold_until
         if not entries and (hold == _NEVER or self._now() >= hold):
             n = self._write(data, addr)
             if n == len(data):  # the common case: written whole at once
-                self._written(owner)
+                if self.pace or self._unflushed is not None:  # else nobody asks about it
+                    self._written(owner)
                 return
             entry = _Entry(self, memoryview(data)[n:] if n else data, addr, owner, n > 0)
         else:

@@ -71,17 +71,30 @@ class UDPTransport(Transport):
         self._sock = sock
         self._handler = handler
         self.local_address = ip_addr(sock.getsockname())
-        family = sock.family
-        client = self.role == "client"
+        if self.role == "client":  # connected to its one peer
 
-        def write(data: Any, addr: Address | None) -> int:
-            try:
-                if client:
+            def write(data: Any, addr: Address | None) -> int:
+                try:
                     return sock.send(data)
+                except BlockingIOError:
+                    return 0
+
+        elif sock.family == socket.AF_INET6:  # may be dual-stack: IPv4 peers as ::ffff:a.b.c.d
+
+            def write(data: Any, addr: Address | None) -> int:
                 assert addr is not None
-                return sock.sendto(data, wire_address(family, addr))
-            except BlockingIOError:
-                return 0
+                try:
+                    return sock.sendto(data, wire_address(socket.AF_INET6, addr))
+                except BlockingIOError:
+                    return 0
+
+        else:
+
+            def write(data: Any, addr: Address | None) -> int:
+                try:  # a server is always given addr
+                    return sock.sendto(data, addr)  # type: ignore[arg-type]
+                except BlockingIOError:
+                    return 0
 
         outbox = Outbox(
             write,
@@ -154,7 +167,7 @@ class UDPTransport(Transport):
         outbox = self._outbox
         if outbox is None or self._closed:
             raise PeerUnavailable(addr, "the endpoint is closed")
-        if owner is None and outbox.full:
+        if owner is None and outbox.queued >= outbox.limit:  # outbox.full
             if self._log.ready(anyio.current_time()):
                 log.warning(
                     "UDP send buffer of %s full: dropped a reply to %s (%d dropped lately)",
