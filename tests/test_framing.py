@@ -545,3 +545,10 @@ def test_long_message_fed_one_byte_at_a_time() -> None:
             assert decoder.buffered == len(message) - 1
     assert out == [message]
     assert decoder.buffered == 0
+
+
+def test_too_long_names_the_first_message_over_the_limit() -> None:
+    """Whole messages taken at once are checked in order, as the scanner checks them."""
+    decoder = StreamDecoder(max_message_size=4)
+    with pytest.raises(FramingError, match=r"\(7 > 4 bytes\)"):
+        decoder.feed(b"[1,2,3][" + b"9," * 20 + b"9]")

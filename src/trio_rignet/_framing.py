@@ -231,9 +231,9 @@ def _messages(src: bytes | bytearray | memoryview, start: int, end: int, limit: 
     if end == start:
         return []
     found: list[bytes] = _MESSAGES(src, start, end)
-    longest = len(max(found, key=len, default=b""))
-    if longest > limit:
-        raise FramingError(_too_long(longest, limit))
+    if len(max(found, key=len, default=b"")) > limit:
+        first = next(len(message) for message in found if len(message) > limit)
+        raise FramingError(_too_long(first, limit))
     return found
 
 
