@@ -39,6 +39,7 @@ from trio_rignet import (
     RignetError,
 )
 from trio_rignet._tag import Tagger
+from trio_rignet._transport import _asyncio as asyncio_transport
 
 pytestmark = pytest.mark.anyio
 
@@ -1205,3 +1206,27 @@ def test_signal_table_is_consistent() -> None:
     for param in SIGNALS:
         _, expected, wire = param.values
         assert json.loads(wire) == [int(expected.event), *expected.data]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("reads_sockets", [True, False], ids=["selector", "proactor"])
+async def test_asyncio_udp_with_or_without_reading_the_socket_directly(
+    reads_sockets: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A selector loop's UDP sockets are read by the endpoint as well (bursts in one
+    pass); a proactor loop's only by asyncio, with the client's transport made from
+    the peer's address. Either way: round trips, in order, and a port with nothing
+    listening fails the send."""
+    monkeypatch.setattr(asyncio_transport, "_reads_sockets", lambda loop: reads_sockets)
+    with anyio.fail_after(SAFETY):
+        async with EchoProtocol.client(f"udp://127.0.0.1:{free_port()}") as cli:
+            with pytest.raises((PeerUnavailable, EchoTimeout)):
+                await cli.confirmed_send([1, None], timeout=1)
+        async with server_and_client("udp") as (srv, cli2), srv.subscribe(INIT) as messages:
+            async with anyio.create_task_group() as tg:
+                for i in range(40):  # many in flight: bursts at both ends
+                    tg.start_soon(cli2.init, i)
+            assert sorted([(await messages.receive()).data[0] for _ in range(40)]) == list(
+                range(40)
+            )
+            assert cli2.stats.confirmed == 40

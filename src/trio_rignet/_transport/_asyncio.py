@@ -28,9 +28,12 @@ from .._ratelimit import RateLimit
 from . import Address, Handler, Transport
 from ._outbox import Outbox
 from ._sockets import (
+    DRAIN,
+    IDLE_WAKES,
     UNREACHABLE,
     bind_tcp_listener,
     bind_udp,
+    connect_udp,
     ip_addr,
     is_unreachable,
     large_receive_buffer,
@@ -84,18 +87,61 @@ class _Flow:
 
 # ---------------------------------------------------------------------- UDP
 
+
+def _reads_sockets(loop: asyncio.AbstractEventLoop) -> bool:
+    """True if the loop's transports leave their sockets to be read by anyone
+    (a selector loop), False if they keep a receive pending (a proactor loop)."""
+    return isinstance(loop, asyncio.SelectorEventLoop)
+
+
 _DATAGRAM_BUFFER = 65536  # > the largest UDP payload (65,507 bytes over IPv4)
 
 
 class _DatagramProtocol(asyncio.DatagramProtocol):
+    """The callbacks of one datagram transport.
+
+    asyncio's transports read one datagram per event-loop iteration: under
+    load (many sends in flight) that is a pass of the loop per datagram. On
+    a selector loop the socket is ours to read too (``sock``): after each
+    datagram the protocol reads those already waiting, as the Trio backend
+    does (at most :data:`DRAIN`; while datagrams come one by one it looks for
+    a second only every :data:`IDLE_WAKES` wake-ups). A proactor loop
+    (Windows) has a receive of its own pending on the socket: ``sock`` is
+    None there, and each datagram comes through asyncio.
+    """
+
     def __init__(self, owner: UDPTransport, handler: Handler) -> None:
         self.owner = owner
         self.received = handler._received
         self.flow = _Flow()
         self.lost = anyio.Event()
+        self.sock: socket.socket | None = None
+        self.idle = 0  # wake-ups left that read one datagram
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.received(data, addr)  # never raises: the endpoint logs and drops failures
+        received = self.received
+        received(data, addr)  # never raises: the endpoint logs and drops failures
+        sock = self.sock
+        if sock is None:
+            return
+        if self.idle:
+            self.idle -= 1
+            return
+        n = 1
+        while n < DRAIN:
+            n += 1
+            try:
+                data, addr = sock.recvfrom(_DATAGRAM_BUFFER)
+            except BlockingIOError:
+                break
+            except OSError as exc:  # an ICMP error, or the socket closed meanwhile
+                if self.lost.is_set() or not is_unreachable(exc):
+                    break
+                self.owner._error(exc)
+                continue
+            received(data, addr)
+        if n <= 2:  # the socket held one datagram: one by one from here on
+            self.idle = IDLE_WAKES
 
     def error_received(self, exc: Exception) -> None:
         self.owner._error(exc)
@@ -134,13 +180,20 @@ class UDPTransport(Transport):
         loop = asyncio.get_running_loop()
         self._handler = handler
         protocol = _DatagramProtocol(self, handler)
+        readable = _reads_sockets(loop)
+        sock: socket.socket | None = None
         if self.role == "server":
             sock = bind_udp(self.host, self.port)
+        elif readable:
+            sock = connect_udp(self.host, self.port)  # a selector transport sends on it as is
+        if sock is not None:
             try:
                 transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
             except BaseException:
                 sock.close()
                 raise
+            if readable:
+                protocol.sock = sock  # see _DatagramProtocol
         else:
             # remote_addr, not a connected sock=: ProactorEventLoop's datagram
             # transport only sends without an address when it knows its peer.

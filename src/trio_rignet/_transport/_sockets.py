@@ -18,6 +18,8 @@ from typing import Any
 from .._errors import PeerUnavailable
 
 __all__ = [
+    "DRAIN",
+    "IDLE_WAKES",
     "UNREACHABLE",
     "bind_tcp_listener",
     "bind_udp",
@@ -34,6 +36,13 @@ __all__ = [
 Address = tuple[str, int]
 
 UNREACHABLE = "nothing is listening there (port unreachable)"
+
+DRAIN = 256
+"""Datagrams a UDP endpoint handles per wake-up before other tasks get a turn."""
+IDLE_WAKES = 3
+"""Wake-ups that read one datagram and do not look for a second, after a
+wake-up found just one: looking costs a failed receive (an exception) each
+time, which at signal rates is most of the time."""
 
 
 def family_of(host: str) -> socket.AddressFamily:

@@ -24,6 +24,8 @@ from .._ratelimit import RateLimit
 from . import Address, Handler, Transport
 from ._outbox import Outbox
 from ._sockets import (
+    DRAIN,
+    IDLE_WAKES,
     UNREACHABLE,
     bind_tcp_listener,
     bind_udp,
@@ -39,12 +41,6 @@ from ._tcp import CONNECT_TIMEOUT, READ_SIZE, Connection, TCPBase
 __all__ = ["TCPTransport", "UDPTransport"]
 
 log = logging.getLogger("trio_rignet.transport")
-
-_DRAIN = 256  # datagrams handled per wake-up before other tasks get a turn
-_IDLE_WAKES = 3
-"""Wake-ups that read one datagram and do not look for a second, after a
-wake-up found just one: looking costs a failed receive (an exception) each
-time, which at signal rates is most of the time."""
 
 
 class UDPTransport(Transport):
@@ -122,10 +118,10 @@ class UDPTransport(Transport):
     async def _receive(self, sock: socket.socket, handler: Handler) -> None:
         recvfrom = sock.recvfrom
         received = handler._received
-        idle = 0  # wake-ups left that read one datagram (see _IDLE_WAKES)
+        idle = 0  # wake-ups left that read one datagram (see IDLE_WAKES)
         while True:
             await trio.lowlevel.wait_readable(sock)
-            limit = 1 if idle else _DRAIN
+            limit = 1 if idle else DRAIN
             n = 0
             while n < limit:
                 n += 1
@@ -148,7 +144,7 @@ class UDPTransport(Transport):
             if idle:
                 idle -= 1
             elif n <= 2:
-                idle = _IDLE_WAKES
+                idle = IDLE_WAKES
 
     def _error(self, exc: OSError) -> None:
         """An error of the socket: ICMP port unreachable, or something to log."""
