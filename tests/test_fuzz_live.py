@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from contextlib import suppress
 
 import anyio
 import pytest
@@ -155,3 +156,35 @@ async def test_udp_bursts_where_the_loop_keeps_the_socket(
     the peer's address): the same property holds."""
     monkeypatch.setattr(asyncio_transport, "_reads_sockets", lambda loop: False)
     await _received_in_order(bursts)
+
+
+async def test_nothing_is_handled_once_an_endpoint_closes_during_a_burst() -> None:
+    """An endpoint closed while a burst waits in its socket (here by a task that a
+    callback woke, the usual "wait for END, then close") handles none of the rest:
+    no callbacks, no echoes (it reads the burst in one pass, see UDP's drain)."""
+    after_close: list[int] = []
+    closing = False
+    tenth = anyio.Event()
+
+    def on_info(msg: Message) -> None:
+        if closing:
+            after_close.append(msg.data[0])
+        if msg.data[0] == 10:
+            tenth.set()
+
+    with anyio.fail_after(20), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        raw.setblocking(False)
+        async with EchoProtocol.server("udp://127.0.0.1:0") as rig:
+            rig.assign_callback("info", on_info)
+            for i in range(300):
+                raw.sendto(b"[64, %d]" % i, rig.local_address)
+            await tenth.wait()
+            closing = True
+            await rig.aclose()
+        echoes = 0
+        with suppress(BlockingIOError):
+            while raw.recv(100):
+                echoes += 1
+    assert after_close == []
+    assert echoes <= rig.stats.received

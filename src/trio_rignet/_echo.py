@@ -889,7 +889,11 @@ class EchoProtocol:
         Whatever a peer sends must not end the endpoint: should handling one
         message raise (a bug this input reveals), that message is dropped with
         a rate-limited log line and its traceback, and the endpoint goes on.
+        Once the endpoint is closing nothing more is handled (a transport may
+        still be going through datagrams that were waiting).
         """
+        if self._closing:
+            return
         try:
             verdict, detail = self._core.receive(addr, raw, self._now())
             if verdict is _ECHO:  # the common case, handled inline

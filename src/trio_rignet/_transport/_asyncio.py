@@ -135,9 +135,11 @@ class _DatagramProtocol(asyncio.DatagramProtocol):
             except BlockingIOError:
                 break
             except OSError as exc:  # an ICMP error, or the socket closed meanwhile
-                if self.lost.is_set() or not is_unreachable(exc):
+                if self.lost.is_set():
                     break
-                self.owner._error(exc)
+                self.owner._error(exc)  # as asyncio reports it (error_received)
+                if not is_unreachable(exc):
+                    break
                 continue
             received(data, addr)
         if n <= 2:  # the socket held one datagram: one by one from here on
