@@ -144,6 +144,8 @@ def main() -> None:
         f"{args.scheme} {args.backend} {args.where}: "
         f"{args.bursts} bursts of {args.per} round trips each"
     )
+    # Which code was measured: an installed trio_rignet can shadow the checkout.
+    print(f"  new: {Path(trio_rignet.__file__).parent}; base: {args.base.resolve()}")
     for name in ("base", "new"):
         values = sorted(times[name])
         print(
