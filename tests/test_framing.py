@@ -287,18 +287,8 @@ def test_matches_reference_framer(limit: int, case: tuple[bytes, list[bytes]]) -
 def nesting_depth(message: bytes) -> int:
     """How deep the brackets of a well-framed message nest (strings skipped)."""
     depth = deepest = 0
-    in_string = escape = False
-    for byte in message:
-        if in_string:
-            if escape:
-                escape = False
-            elif byte == ord("\\"):
-                escape = True
-            elif byte == ord('"'):
-                in_string = False
-        elif byte == ord('"'):
-            in_string = True
-        elif byte in b"[{":
+    for byte in re.sub(rb'"(?:[^"\\]|\\.)*"', b"", message, flags=re.DOTALL):
+        if byte in b"[{":
             depth += 1
             deepest = max(deepest, depth)
         elif byte in b"]}":
