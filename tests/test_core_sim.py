@@ -24,6 +24,7 @@ runs many more.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -350,17 +351,25 @@ def test_duplicated_echo_to_an_iblutil_peer_is_cut() -> None:
     assert sim.log.transmissions < 2000
 
 
-def test_a_message_whose_copies_were_lost_past_the_window_is_still_new() -> None:
-    """Rule 3 at its edges, with small tables: a message first received after more than
-    a window of newer ones is new (it cannot have been dispatched); repeats stay repeats;
-    once the recent table has forgotten numbers, anything below them is dropped."""
-    limits = Limits(window=8, recent=16)
+def tagged_arrivals(limits: Limits) -> Callable[[int], Received]:
+    """``arrive(seq)`` for a new receiving core: a trio-rignet peer's message number
+    ``seq`` reaches it; the core's verdict."""
     rig = EchoCore(stream=False, session=1, limits=limits)
     sender = Tagger(7)
     peer = ("10.0.0.1", 11001)
 
     def arrive(seq: int) -> Received:
         return rig.receive(peer, sender.tag(b"[1, %d]" % seq, seq & 0xFFFFFFFF, None), 0.0)[0]
+
+    return arrive
+
+
+def test_a_message_whose_copies_were_lost_past_the_window_is_still_new() -> None:
+    """Rule 3 at its edges, with small tables: a message first received after more than
+    a window of newer ones is new (it cannot have been dispatched); repeats stay repeats;
+    once the recent table has forgotten numbers, anything below them is dropped."""
+    limits = Limits(window=8, recent=16)
+    arrive = tagged_arrivals(limits)
 
     assert [arrive(seq) for seq in range(1, 13) if seq != 2] == [Received.NEW] * 11
     assert arrive(2) is Received.NEW  # 10 behind the window's top: never seen, new
@@ -387,12 +396,10 @@ def test_a_peer_message_is_dispatched_at_most_once_and_never_missed(arrivals: li
     - a repeat is echoed again (DUPLICATE) or, past its re-echo budget, dropped
       (STALE): never NEW."""
     limits = Limits(window=8, recent=64)
-    rig = EchoCore(stream=False, session=1, limits=limits)
-    sender = Tagger(7)
-    peer = ("10.0.0.1", 11001)
+    arrive = tagged_arrivals(limits)
     dispatched: set[int] = set()
     for seq in arrivals:
-        verdict = rig.receive(peer, sender.tag(b"[1, %d]" % seq, seq, None), 0.0)[0]
+        verdict = arrive(seq)
         first = seq not in dispatched
         if verdict is Received.NEW:
             assert first, f"message {seq} dispatched twice"
@@ -464,12 +471,10 @@ def test_a_first_arrival_within_the_window_is_always_new(arrivals: list[int]) ->
     window): a message whose number is within the window of the highest one received
     and which has never been received is new, whatever was forgotten."""
     limits = Limits(window=8, recent=4)
-    rig = EchoCore(stream=False, session=1, limits=limits)
-    sender = Tagger(7)
-    peer = ("10.0.0.1", 11001)
+    arrive = tagged_arrivals(limits)
     received: set[int] = set()
     for seq in arrivals:
-        verdict = rig.receive(peer, sender.tag(b"[1, %d]" % seq, seq, None), 0.0)[0]
+        verdict = arrive(seq)
         high = max(received, default=seq)
         if seq not in received and high - seq < limits.window:
             assert verdict is Received.NEW, f"first arrival of {seq} (high {high}): {verdict.name}"

@@ -1230,3 +1230,36 @@ async def test_asyncio_udp_with_or_without_reading_the_socket_directly(
                 range(40)
             )
             assert cli2.stats.confirmed == 40
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("reads_sockets", [True, False], ids=["selector", "proactor"])
+async def test_asyncio_takes_a_waiting_burst_in_one_pass_where_it_may_read_the_socket(
+    reads_sockets: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncio hands a protocol one datagram per pass of its loop. Where the endpoint may
+    read the socket itself (selector loops) a burst already waiting takes a few passes,
+    not one each; where it may not (proactor loops) each datagram takes its own."""
+    burst = 50
+    passes = 0
+    hand_over = asyncio_transport._DatagramProtocol.datagram_received
+
+    def counted(self: Any, data: bytes, addr: Any) -> None:
+        nonlocal passes
+        passes += 1
+        hand_over(self, data, addr)
+
+    monkeypatch.setattr(asyncio_transport._DatagramProtocol, "datagram_received", counted)
+    monkeypatch.setattr(asyncio_transport, "_reads_sockets", lambda loop: reads_sockets)
+    with anyio.fail_after(SAFETY), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+        async with (
+            EchoProtocol.server("udp://127.0.0.1:0") as rig,
+            rig.subscribe("info") as messages,
+        ):
+            for i in range(burst):  # all waiting before the endpoint's loop runs again
+                raw.sendto(b"[64, %d]" % i, rig.local_address)
+            assert [(await messages.receive()).data[0] for _ in range(burst)] == list(range(burst))
+    if reads_sockets:
+        assert passes < burst // 2
+    else:
+        assert passes == burst

@@ -140,28 +140,24 @@ class StreamDecoder:
 
     def _feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         limit = self.max_message_size
+        messages: list[bytes] = []
         src: bytes | bytearray | memoryview
         if self._buf:
             # Inside a message: continue scanning where the last feed stopped.
-            messages: list[bytes] = []
             self._buf += data
             src = self._buf
             pos = self._pos
         else:
-            # Between messages: take the whole messages at the start of `data`
-            # (most often all of it) and scan `data` itself from there, so that
-            # each message is sliced out of it with a single copy.
             one = _ONE(data)
             if one is not None:  # the common case: one whole message
                 message: bytes = one.group(1)
                 if len(message) > limit:
                     raise FramingError(_too_long(len(message), limit))
                 return [message]
-            pos = _RUN(data).end()  # type: ignore[union-attr]  # matches always (may be empty)
-            messages = _messages(data, 0, pos, limit)
-            if pos == len(data):
-                return messages
+            # Between messages: scan `data` itself, so that each message is
+            # sliced out of it with a single copy.
             src = data
+            pos = 0
         closers = self._closers
         in_string = self._in_string
         msg_start = 0
@@ -169,7 +165,7 @@ class StreamDecoder:
         while pos < n:
             if not closers:
                 # Between messages: take the whole messages that follow.
-                end = _RUN(src, pos).end()  # type: ignore[union-attr]
+                end = _RUN(src, pos).end()  # type: ignore[union-attr]  # matches always
                 messages += _messages(src, pos, end, limit)
                 pos = msg_start = end
                 if pos == n:

@@ -163,7 +163,7 @@ class UDPTransport(Transport):
         outbox = self._outbox
         if outbox is None or self._closed:
             raise PeerUnavailable(addr, "the endpoint is closed")
-        if owner is None and outbox.queued >= outbox.limit:  # outbox.full
+        if owner is None and outbox.full:
             if self._log.ready(anyio.current_time()):
                 log.warning(
                     "UDP send buffer of %s full: dropped a reply to %s (%d dropped lately)",
@@ -179,8 +179,7 @@ class UDPTransport(Transport):
         return True
 
     def has_room(self, addr: Address) -> bool:
-        outbox = self._outbox
-        return outbox is None or outbox.queued < outbox.limit  # not outbox.full
+        return self._outbox is None or not self._outbox.full
 
     async def wait_room(self, addr: Address) -> None:
         if self._outbox is not None:
