@@ -54,9 +54,10 @@ from ._transport import (
     Address,
     Role,
     TransportConfig,
+    Waiter,
     clock,
     open_transport,
-    waiting,
+    waiter_class,
 )
 from ._uri import canonical_address, resolve_uri, split_uri
 
@@ -194,8 +195,7 @@ class EchoProtocol:
         self._addresses: dict[Any, Address] = {}
         self._tg: TaskGroup | None = None
         self._now = anyio.current_time  # the loop's own clock once running (see _run)
-        self._event: Callable[[], Any] = anyio.Event  # the backend's own, once running
-        self._scope: Callable[..., Any] = anyio.CancelScope
+        self._waiter: Callable[[], Waiter] = _new_waiter  # the backend's own, once running
         self._closing = False
         self._stopped: Any = None  # an Event, made when aclose() must wait for the tasks
         self._finished = False
@@ -280,7 +280,7 @@ class EchoProtocol:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 self._now = clock()
-                self._event, self._scope = waiting()
+                self._waiter = waiter_class()
                 self._events.start(tg.start_soon)
                 # The transport runs in this task (one task per endpoint, not
                 # two); it reports started once its sockets are open.
@@ -591,15 +591,13 @@ class EchoProtocol:
                 )
             now = self._now()
         send = self._core.open_send(target, payload, now, deadline - now, reply_to=reply_to)
-        send.waiter = waiter = self._event()
+        send.waiter = waiter = self._waiter()
         core = self._core
         try:
             transport.transmit(send.wire, target, send)
             # Wait until the send ends, retransmitting when the core says so.
             while True:
-                # fail_after's semantics with a bare cancel scope: no generator on the hot path
-                with self._scope(deadline=min(send.retry_at, send.deadline)):  # send.wake_at
-                    await waiter.wait()
+                await waiter.wait(min(send.retry_at, send.deadline))  # send.wake_at
                 if send.outcome is not _PENDING:
                     break
                 resend = core.on_timer(send, self._now())
@@ -996,6 +994,10 @@ class EchoProtocol:
         ref = msg.tag[1] if msg.tag is not None else None
         report = self._core.post(msg.addr, build_error(exc, msg.event), reply_to=ref)
         self._transmit(report, msg.addr)
+
+
+def _new_waiter() -> Waiter:
+    return waiter_class()()
 
 
 def _wake(send: Send) -> None:

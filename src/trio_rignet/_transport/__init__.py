@@ -189,18 +189,33 @@ def clock() -> Callable[[], float]:
     return asyncio.get_running_loop().time
 
 
-def waiting() -> tuple[Callable[[], Any], Callable[..., Any]]:
-    """The running backend's own ``Event`` and ``CancelScope`` classes.
+class Waiter(Protocol):
+    """What a confirmed send waits on: woken when the send ends, or at a deadline."""
 
-    For the hot path of a confirmed send (one event and one deadline per
-    send): on Trio, trio's own are several times cheaper than AnyIO's
-    wrappers and behave the same; on asyncio, AnyIO's are the native ones.
+    def set(self) -> None:
+        """Wake the waiting task (the send ended); harmless when repeated."""
+
+    async def wait(self, deadline: float) -> None:
+        """Return once :meth:`set` was called, or at ``deadline`` (loop time), whichever is first.
+
+        The caller then looks at its send: this says nothing of how it ended.
+        Cancellation: nothing is left behind (no timer, no callback).
+        """
+
+
+def waiter_class() -> Callable[[], Waiter]:
+    """The running backend's :class:`Waiter`, looked up once per endpoint.
+
+    On Trio it is trio's own ``Event`` in a ``CancelScope`` (several times
+    cheaper than AnyIO's wrappers); on asyncio a future and one timer, not an
+    AnyIO cancel scope and event (whose bookkeeping was most of an asyncio
+    client's time with many sends in flight).
     """
     if _running_trio():
-        import trio
-
-        return trio.Event, trio.CancelScope
-    return anyio.Event, anyio.CancelScope
+        from . import _trio as backend
+    else:
+        from . import _asyncio as backend  # type: ignore[no-redef]
+    return backend.Waiter
 
 
 def open_transport(

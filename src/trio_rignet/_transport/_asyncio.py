@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import socket
 from typing import Any
 
@@ -58,6 +59,56 @@ def _mark_asyncio() -> None:
     caller's context is untouched: this task has its own).
     """
     sniffio.current_async_library_cvar.set("asyncio")
+
+
+_EXPIRED = object()
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_result(_EXPIRED)
+
+
+class Waiter:
+    """A confirmed send's wake-up on asyncio: one future and, while waiting, one timer.
+
+    It does what ``anyio.Event().wait()`` under ``anyio.CancelScope(deadline=...)``
+    does for this one use, without their bookkeeping (most of an asyncio
+    client's time with many sends in flight). A cancelled wait is asyncio's own
+    (the task's cancellation cancels the future), so any AnyIO scope around it
+    behaves as around any native await.
+    """
+
+    __slots__ = ("_future", "_loop")
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._future: asyncio.Future[Any] = self._loop.create_future()
+
+    def set(self) -> None:
+        """Wake the waiting task (or make the next wait return at once)."""
+        future = self._future
+        if not future.done():
+            future.set_result(None)
+
+    async def wait(self, deadline: float) -> None:
+        """Return when set, or at ``deadline``; cancellation leaves no timer behind."""
+        future = self._future
+        if future.done():
+            await anyio.lowlevel.checkpoint()
+            return
+        timer = self._loop.call_at(deadline, _expire, future) if deadline < math.inf else None
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.cancelled():  # not set: the next wait needs a fresh future
+                self._future = self._loop.create_future()
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if future.result() is _EXPIRED:  # likewise
+            self._future = self._loop.create_future()
 
 
 class _Flow:

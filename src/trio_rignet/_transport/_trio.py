@@ -43,6 +43,24 @@ __all__ = ["TCPTransport", "UDPTransport"]
 log = logging.getLogger("trio_rignet.transport")
 
 
+class Waiter:
+    """A confirmed send's wake-up on Trio: trio's own ``Event`` under a ``CancelScope``."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        """Wake the waiting task."""
+        self._event.set()
+
+    async def wait(self, deadline: float) -> None:
+        """Return when set, or at ``deadline``; cancellation leaves nothing behind."""
+        with trio.CancelScope(deadline=deadline):
+            await self._event.wait()
+
+
 class UDPTransport(Transport):
     """One UDP socket: bound for a server, connected to the peer for a client."""
 
