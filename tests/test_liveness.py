@@ -12,12 +12,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import anyio
 import pytest
@@ -32,7 +34,13 @@ from trio_rignet import (
     Services,
     ServicesError,
 )
-from trio_rignet._extensions import ClockEstimator, PeerEntry
+from trio_rignet._extensions import (
+    ClockEstimator,
+    PeerEntry,
+    build_ping,
+    build_pong,
+    parse_extension,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -240,3 +248,79 @@ async def test_iblutil_like_rig_gets_no_heartbeat() -> None:
                     break
     assert fake.stats.received == 0
     assert got == []  # not a single byte: no heartbeat toward a rig not known to run trio-rignet
+
+
+# ----------------------------------------------------------- extension messages
+
+_clock_readings = st.one_of(
+    st.floats(min_value=-1e12, max_value=1e12, exclude_min=True, exclude_max=True),
+    st.integers(min_value=-(10**12) + 1, max_value=10**12 - 1),
+)
+
+
+@given(_clock_readings, _clock_readings, _clock_readings)
+def test_pings_and_pongs_are_what_json_writes(t1: float, t2: float, t3: float) -> None:
+    assert build_ping(t1) == json.dumps([{"rignet": "ping", "t": t1}]).encode()
+    pong = build_pong(t1, t2, t3)
+    assert pong == json.dumps([{"rignet": "pong", "t1": t1, "t2": t2, "t3": t3}]).encode()
+    assert parse_extension(pong) == {"rignet": "pong", "t1": t1, "t2": t2, "t3": t3}
+    assert parse_extension(build_ping(t1)) == {"rignet": "ping", "t": t1}
+
+
+def _reference_parse(body: bytes) -> dict[str, Any] | None:
+    """parse_extension as it was written first (json.loads of the bytes)."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if type(obj) is not list or len(obj) != 1 or type(obj[0]) is not dict:
+        return None
+    ext: dict[str, Any] = obj[0]
+    kind = ext.get("rignet")
+    number = (int, float)
+    if kind == "ping" and type(ext.get("t")) in number and -1e12 < ext["t"] < 1e12:
+        return ext
+    if kind == "pong" and all(
+        type(ext.get(k)) in number and -1e12 < ext[k] < 1e12 for k in ("t1", "t2", "t3")
+    ):
+        return ext
+    return None
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | _clock_readings | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["rignet", "t", "t1", "t2", "t3", "x"]), inner, max_size=5
+        )
+    ),
+    max_leaves=12,
+)
+_extension_like = st.builds(
+    lambda kind, fields: [{"rignet": kind, **fields}],
+    st.sampled_from(["ping", "pong", "other"]),
+    st.dictionaries(st.sampled_from(["t", "t1", "t2", "t3"]), _clock_readings | _json_values),
+)
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=64),
+        _json_values.map(lambda v: json.dumps(v).encode()),
+        _extension_like.map(lambda v: json.dumps(v).encode()),
+        _extension_like.map(lambda v: json.dumps(v, indent=1).encode()),
+    )
+)
+def test_parse_extension_is_the_reference_parse_for_utf8(body: bytes) -> None:
+    """The same verdict as json.loads would give, for every UTF-8 body (every body a
+    trio-rignet peer sends); other encodings, which no peer sends, are dropped."""
+    got = parse_extension(body)
+    try:
+        body.decode()
+    except UnicodeDecodeError:
+        assert got is None
+        return
+    expected = _reference_parse(body)
+    if expected is None or not body.startswith(b"\xef\xbb\xbf"):  # BOM: json.loads only
+        assert got == expected

@@ -29,7 +29,6 @@ from trio_rignet import (
     parse_message,
 )
 from trio_rignet._messages import (
-    _loads,
     build_alyx,
     build_cleanup,
     build_error,
@@ -40,6 +39,7 @@ from trio_rignet._messages import (
     build_status,
     build_stop,
     event_bits,
+    loads,
 )
 
 SINGLE_EVENTS = [
@@ -550,7 +550,7 @@ def test_the_fast_json_parse_is_json_loads(text: str, suffix: str) -> None:
         except (ValueError, RecursionError) as exc:
             expected = ("error", type(exc), str(exc))
         try:
-            got: Any = ("value", _loads(candidate))
+            got: Any = ("value", loads(candidate))
         except (ValueError, RecursionError) as exc:
             got = ("error", type(exc), str(exc))
         assert repr(got) == repr(expected)

@@ -28,10 +28,11 @@ offset and drift through them. No I/O here.
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
 from typing import Any
+
+from ._messages import loads
 
 __all__ = [
     "ClockEstimate",
@@ -47,13 +48,16 @@ __all__ = [
 
 def build_ping(t1: float) -> bytes:
     """A ping carrying the sender's clock ``t1``."""
-    return json.dumps([{"rignet": "ping", "t": t1}]).encode()
+    # What json.dumps writes, without its encoder (a main PC pings every rig
+    # several times a second): a number's repr is JSON, for ints and finite
+    # floats; a non-finite reading makes a message the peer drops as malformed.
+    return b'[{"rignet": "ping", "t": %a}]' % (t1,)
 
 
 def build_pong(t1: float, t2: float, t3: float) -> bytes:
     """The answer to a ping sent at ``t1`` (its sender's clock), received at ``t2`` and
     answered at ``t3`` (ours)."""
-    return json.dumps([{"rignet": "pong", "t1": t1, "t2": t2, "t3": t3}]).encode()
+    return b'[{"rignet": "pong", "t1": %a, "t2": %a, "t3": %a}]' % (t1, t2, t3)
 
 
 _TIME_LIMIT = 1e12
@@ -70,16 +74,23 @@ def _number(value: Any) -> bool:
 def parse_extension(body: bytes) -> dict[str, Any] | None:
     """The object of an extension message, or None if it is not a well-formed one."""
     try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        obj = loads(body.decode())
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
-    if type(obj) is not list or len(obj) != 1 or type(obj[0]) is not dict:
+    if type(obj) is not list or len(obj) != 1:
         return None
-    ext: dict[str, Any] = obj[0]
+    ext = obj[0]
+    if type(ext) is not dict:
+        return None
     kind = ext.get("rignet")
-    if kind == "ping" and _number(ext.get("t")):
-        return ext
-    if kind == "pong" and all(_number(ext.get(k)) for k in ("t1", "t2", "t3")):
+    if kind == "ping":
+        return ext if _number(ext.get("t")) else None
+    if (
+        kind == "pong"
+        and _number(ext.get("t1"))
+        and _number(ext.get("t2"))
+        and _number(ext.get("t3"))
+    ):
         return ext
     return None
 

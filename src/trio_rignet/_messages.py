@@ -335,7 +335,7 @@ class Message:
 _scan_once = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
 
 
-def _loads(text: str) -> Any:
+def loads(text: str) -> Any:
     """``json.loads(text)``, without its Python-level wrappers when ``text`` is one
     value from its first character to its last (how messages arrive)."""
     try:
@@ -358,7 +358,7 @@ def parse_message(
             not ``[0, str, event]``.
     """
     try:
-        obj = _loads(raw.decode())
+        obj = loads(raw.decode())
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MessageError(f"not a UTF-8 JSON message ({exc})") from None
     if type(obj) is not list:
