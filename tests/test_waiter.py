@@ -10,6 +10,7 @@ instead of AnyIO's cancel scope and event, so it is checked here directly.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 import sniffio
 import trio
 import trio.testing
+from tests.conftest import proactor_loop
 
 from trio_rignet._transport import Waiter, waiter_class
 
@@ -132,3 +134,70 @@ def _resolution() -> float:
     if sniffio.current_async_library() == "trio":
         return 0.0
     return time.get_clock_info("monotonic").resolution
+
+
+# Races between the timer and something else, both before the waiting task
+# resumes. The deadline is already past, so the timer runs in the loop's next
+# pass; a helper task started before the wait runs in that pass too, yields
+# once, and acts in the pass after it, still before the waiting task (whose
+# wake-up the timer queued behind the helper). Plain asyncio code on the
+# tests' loop: AnyIO's scopes never cancel a task whose future is already done,
+# but a host's own ``task.cancel()`` may.
+
+
+def _run_on_the_tests_loop(main: Any) -> None:
+    loop = proactor_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def test_a_set_racing_the_timer_is_kept() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        waiter = waiter_class()()
+
+        async def set_after_the_timer() -> None:
+            await asyncio.sleep(0)
+            waiter.set()
+
+        helper = asyncio.ensure_future(set_after_the_timer())
+        await waiter.wait(loop.time() - 1)
+        await helper
+        await asyncio.wait_for(waiter.wait(loop.time() + FAR), HANG)  # set: at once
+
+    _run_on_the_tests_loop(main)
+
+
+def test_a_cancellation_racing_the_timer_does_not_end_the_next_wait() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        waiter, task = waiter_class()(), asyncio.current_task()
+        assert task is not None
+
+        async def cancel_after_the_timer() -> None:
+            await asyncio.sleep(0)
+            task.cancel()
+
+        helper = asyncio.ensure_future(cancel_after_the_timer())
+        with pytest.raises(asyncio.CancelledError):
+            await waiter.wait(loop.time() - 1)
+        if sys.version_info >= (3, 11):
+            task.uncancel()
+        await helper
+        log: list[str] = []
+
+        async def set_later() -> None:
+            await asyncio.sleep(0)
+            log.append("set")
+            waiter.set()
+
+        setter = asyncio.ensure_future(set_later())
+        guard = loop.call_later(HANG, task.cancel)  # hang guard only
+        await waiter.wait(loop.time() + FAR)
+        guard.cancel()
+        assert log == ["set"]  # it waited for set(), not for the cancelled wait's expiry
+        await setter
+
+    _run_on_the_tests_loop(main)

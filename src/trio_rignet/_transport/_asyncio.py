@@ -61,54 +61,49 @@ def _mark_asyncio() -> None:
     sniffio.current_async_library_cvar.set("asyncio")
 
 
-_EXPIRED = object()
-
-
-def _expire(future: asyncio.Future[Any]) -> None:
+def _expire(future: asyncio.Future[None]) -> None:
     if not future.done():
-        future.set_result(_EXPIRED)
+        future.set_result(None)
 
 
 class Waiter:
-    """A confirmed send's wake-up on asyncio: one future and, while waiting, one timer.
+    """A confirmed send's wake-up on asyncio: a flag and, while waiting, a future and a timer.
 
     It does what ``anyio.Event().wait()`` under ``anyio.CancelScope(deadline=...)``
     does for this one use, without their bookkeeping (most of an asyncio
     client's time with many sends in flight). A cancelled wait is asyncio's own
     (the task's cancellation cancels the future), so any AnyIO scope around it
-    behaves as around any native await.
+    behaves as around any native await. Once set it stays set, as an ``Event``:
+    a ``set()`` racing the timer, or a cancellation, is never lost.
     """
 
-    __slots__ = ("_future", "_loop")
+    __slots__ = ("_future", "_is_set", "_loop")
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._future: asyncio.Future[Any] = self._loop.create_future()
+        self._is_set = False
+        self._future: asyncio.Future[None] | None = None  # only while a task waits
 
     def set(self) -> None:
-        """Wake the waiting task (or make the next wait return at once)."""
+        """Wake the waiting task, and make every later wait return at once."""
+        self._is_set = True
         future = self._future
-        if not future.done():
+        if future is not None and not future.done():
             future.set_result(None)
 
     async def wait(self, deadline: float) -> None:
         """Return when set, or at ``deadline``; cancellation leaves no timer behind."""
-        future = self._future
-        if future.done():
+        if self._is_set:
             await anyio.lowlevel.checkpoint()
             return
+        future = self._future = self._loop.create_future()
         timer = self._loop.call_at(deadline, _expire, future) if deadline < math.inf else None
         try:
             await future
-        except asyncio.CancelledError:
-            if future.cancelled():  # not set: the next wait needs a fresh future
-                self._future = self._loop.create_future()
-            raise
         finally:
+            self._future = None
             if timer is not None:
                 timer.cancel()
-        if future.result() is _EXPIRED:  # likewise
-            self._future = self._loop.create_future()
 
 
 class _Flow:
