@@ -13,10 +13,12 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -324,3 +326,88 @@ def test_parse_extension_is_the_reference_parse_for_utf8(body: bytes) -> None:
     expected = _reference_parse(body)
     if expected is None or not body.startswith(b"\xef\xbb\xbf"):  # BOM: json.loads only
         assert got == expected
+
+
+class _ReferenceEstimator:
+    """ClockEstimator as first written: every estimate refits all the samples."""
+
+    def __init__(self, window: int, keep: int) -> None:
+        self.window, self.samples, self.count = window, 0, 0
+        self.best: tuple[float, float, float] | None = None
+        self.kept: deque[tuple[float, float, float]] = deque(maxlen=keep)
+
+    def add(self, t1: float, t2: float, t3: float, t4: float) -> None:
+        delay = (t4 - t1) - (t3 - t2)
+        if not delay >= 0:
+            return
+        self.samples += 1
+        self.count += 1
+        if self.best is None or delay < self.best[0]:
+            self.best = (delay, (t1 + t4) / 2, ((t2 - t1) + (t3 - t4)) / 2)
+        if self.count >= self.window or not self.kept:
+            self.kept.append(self.best)
+            self.best, self.count = None, 0
+
+    def estimate(self) -> tuple[float, float, float, float, int] | None:
+        kept = list(self.kept) + ([] if self.best is None else [self.best])
+        if not kept:
+            return None
+        delay, at, measured = min(kept[-4:])
+        low, high = measured - delay / 2, measured + delay / 2
+        offset, drift = measured, 0.0
+        if len(kept) >= 8:
+            weights = [1.0 / max(d, 1e-5) ** 2 for d, _, _ in kept]
+            total = sum(weights)
+            mean_t = sum(w * t for w, (_, t, _) in zip(weights, kept, strict=True)) / total
+            mean_o = sum(w * o for w, (_, _, o) in zip(weights, kept, strict=True)) / total
+            stt = sum(w * (t - mean_t) ** 2 for w, (_, t, _) in zip(weights, kept, strict=True))
+            sto = sum(
+                w * (t - mean_t) * (o - mean_o) for w, (_, t, o) in zip(weights, kept, strict=True)
+            )
+            drift = sto / stt if stt > 0 else 0.0
+            offset = min(max(mean_o + drift * (at - mean_t), low), high)
+        return offset, max(offset - low, high - offset), drift, at, self.samples
+
+
+@settings(max_examples=300)
+@given(
+    st.floats(0, 2e9),  # our clock's reading at the first exchange (monotonic or wall)
+    st.floats(-1e3, 1e3),  # the peer clock's offset
+    st.floats(-1e-3, 1e-3),  # and its drift
+    st.lists(
+        st.tuples(
+            st.floats(0.01, 5.0),  # time since the previous exchange
+            st.floats(1e-6, 0.05),  # round trip
+            st.floats(0.0, 1.0),  # share of it on the way out
+        ),
+        min_size=1,
+        max_size=120,
+    ),
+)
+def test_the_clock_fit_is_the_full_refit(
+    start: float, offset: float, drift: float, exchanges: list[tuple[float, float, float]]
+) -> None:
+    """The estimator keeps its sums over closed windows between fits; after every
+    exchange its estimate is the full refit's, to rounding."""
+    est, ref = ClockEstimator(window=3, keep=12), _ReferenceEstimator(window=3, keep=12)
+    t = start
+    for gap, rtt, out in exchanges:
+        t += gap
+        t2 = t + rtt * out + offset + drift * (t - start)
+        t3 = t2 + 1e-6
+        t4 = t + rtt + 1e-6
+        est.add(t, t2, t3, t4)
+        ref.add(t, t2, t3, t4)
+        got, want = est.estimate(), ref.estimate()
+        assert got is not None
+        assert want is not None
+        assert (got.at, got.samples) == want[3:]
+        # Both round the differences of times near `t` (up to 2e9 s) to a few ulps;
+        # the drift divides them by the spread of the fitted times.
+        times = [sample[1] for sample in [*ref.kept, *([ref.best] if ref.best else [])]]
+        ulps = 8 * math.ulp(max(abs(x) for x in times)) * (1 + abs(want[2]))
+        drift_tol = 1e-9 * abs(want[2]) + ulps / max(max(times) - min(times), ulps)
+        assert abs(got.drift - want[2]) <= drift_tol
+        offset_tol = drift_tol * (max(times) - min(times)) + 1e-9 * (1 + abs(want[0]))
+        assert abs(got.offset - want[0]) <= offset_tol
+        assert abs(got.uncertainty - want[1]) <= offset_tol

@@ -29,7 +29,7 @@ offset and drift through them. No I/O here.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from ._messages import loads
@@ -141,7 +141,7 @@ class ClockEstimator:
         keep: kept samples used for the fit (the most recent).
     """
 
-    __slots__ = ("_best", "_count", "_kept", "keep", "samples", "window")
+    __slots__ = ("_best", "_count", "_kept", "_sums", "keep", "samples", "window")
 
     def __init__(self, window: int = 8, keep: int = 64) -> None:
         self.window = window
@@ -150,6 +150,9 @@ class ClockEstimator:
         self._count = 0
         self._best: tuple[float, float, float] | None = None  # (delay, mid time, offset)
         self._kept: deque[tuple[float, float, float]] = deque(maxlen=keep)
+        # The fit's sums over the kept windows (see _fit), done again only when
+        # a window is kept: None until then.
+        self._sums: tuple[float, float, float, float, float] | None = None
 
     def add(self, t1: float, t2: float, t3: float, t4: float) -> bool:
         """One exchange: ``t1``/``t4`` on our clock, ``t2``/``t3`` on the peer's.
@@ -173,6 +176,7 @@ class ClockEstimator:
             # used as ``_best``; it changes the estimate only through the list
             # of windows (which the fit reads).
             self._kept.append(best)
+            self._sums = None
             self._best = None
             self._count = 0
             changed = True
@@ -188,42 +192,63 @@ class ClockEstimator:
         clamped to the interval the sample allows.
         """
         kept = list(self._kept)
-        if self._best is not None:
-            kept.append(self._best)
-        if not kept:
+        best = self._best
+        latest = kept[-4:] if best is None else [*kept[-3:], best]
+        if not latest:
             return None
-        delay, at, measured = min(kept[-4:])  # the best of the latest windows
+        delay, at, measured = min(latest)  # the best of the latest windows
         # NTP's bound: at ``at`` the true offset lies within half the round trip
         # of the measured one (whatever the queueing, if the paths are symmetric).
         low, high = measured - delay / 2, measured + delay / 2
         offset, drift = measured, 0.0
-        if len(kept) >= 8:
-            drift, mean_t, mean_o = _fit(kept)
+        if len(kept) + (best is not None) >= 8:
+            drift, mean_t, mean_o = self._fit(kept, best)
             # The fitted line smooths the noise; kept within the bound.
             offset = min(max(mean_o + drift * (at - mean_t), low), high)
         # The farthest the true offset can be from the one reported.
         return ClockEstimate(offset, max(offset - low, high - offset), drift, at, self.samples)
 
+    def _fit(
+        self, kept: list[tuple[float, float, float]], best: tuple[float, float, float] | None
+    ) -> tuple[float, float, float]:
+        """Weighted least-squares line through the ``(delay, time, offset)`` samples
+        ``kept`` and ``best`` (if any).
 
-def _fit(samples: list[tuple[float, float, float]]) -> tuple[float, float, float]:
-    """Weighted least-squares line through ``(delay, time, offset)`` samples.
+        Returns ``(slope, mean time, mean offset)``, the line passing through the
+        weighted means. Each sample weighs ``1 / delay**2``: the error bound of a
+        sample grows with its round trip, so a burst of delayed exchanges (a loaded
+        rig) cannot tilt the drift the way equal weights let it.
 
-    Returns ``(slope, mean time, mean offset)``, the line passing through the
-    weighted means. Each sample weighs ``1 / delay**2``: the error bound of a
-    sample grows with its round trip, so a burst of delayed exchanges (a loaded
-    rig) cannot tilt the drift the way equal weights let it.
-    """
-    weights = [1.0 / max(delay, 1e-5) ** 2 for delay, _, _ in samples]
-    total = sum(weights)
-    mean_t = sum(w * t for w, (_, t, _) in zip(weights, samples, strict=True)) / total
-    mean_o = sum(w * o for w, (_, _, o) in zip(weights, samples, strict=True)) / total
-    stt = sum(w * (t - mean_t) ** 2 for w, (_, t, _) in zip(weights, samples, strict=True))
-    if stt <= 0:
-        return 0.0, mean_t, mean_o
-    sto = sum(
-        w * (t - mean_t) * (o - mean_o) for w, (_, t, o) in zip(weights, samples, strict=True)
-    )
-    return sto / stt, mean_t, mean_o
+        The sums over ``kept`` (two passes: the means, then the sums of squares
+        about them) are kept until a window is added; ``best``, which changes
+        between, is added to them by moving the means (sums of squares about
+        the new means: no cancellation).
+        """
+        sums = self._sums
+        if sums is None:
+            weights = [1.0 / max(delay, 1e-5) ** 2 for delay, _, _ in kept]
+            total = sum(weights)
+            mean_t = sum(w * t for w, (_, t, _) in zip(weights, kept, strict=True)) / total
+            mean_o = sum(w * o for w, (_, _, o) in zip(weights, kept, strict=True)) / total
+            stt = sto = 0.0
+            for w, (_, t, o) in zip(weights, kept, strict=True):
+                dt = t - mean_t
+                stt += w * dt * dt
+                sto += w * dt * (o - mean_o)
+            sums = self._sums = (total, mean_t, mean_o, stt, sto)
+        total, mean_t, mean_o, stt, sto = sums
+        if best is not None:
+            wb = 1.0 / max(best[0], 1e-5) ** 2
+            new_total = total + wb
+            new_t = mean_t + wb * (best[1] - mean_t) / new_total
+            new_o = mean_o + wb * (best[2] - mean_o) / new_total
+            dt, bt = mean_t - new_t, best[1] - new_t
+            stt += total * dt * dt + wb * bt * bt
+            sto += total * dt * (mean_o - new_o) + wb * bt * (best[2] - new_o)
+            mean_t, mean_o = new_t, new_o
+        if stt <= 0:
+            return 0.0, mean_t, mean_o
+        return sto / stt, mean_t, mean_o
 
 
 @dataclass
@@ -271,7 +296,8 @@ class PeerEntry:
             status.clock = self.clock.estimate()
         elif status.clock.samples != self.clock.samples:
             # Same inputs, same estimate: only the count moves (no fit redone).
-            status.clock = replace(status.clock, samples=self.clock.samples)
+            c = status.clock
+            status.clock = ClockEstimate(c.offset, c.uncertainty, c.drift, c.at, self.clock.samples)
         return True
 
 
