@@ -187,7 +187,7 @@ class ClockEstimator:
 
         The offset is that of the shortest recent round trip; once several
         windows have been kept, a least-squares line through them gives the
-        drift (weighted by each window's round trip: see :func:`_fit`), and
+        drift (weighted by each window's round trip: see ``_fit``), and
         the offset at that sample's time is read off the line,
         clamped to the interval the sample allows.
         """
