@@ -12,6 +12,9 @@
 
 from __future__ import annotations
 
+import decimal
+import enum
+import fractions
 import json
 import math
 import random
@@ -411,3 +414,52 @@ def test_the_clock_fit_is_the_full_refit(
         offset_tol = drift_tol * (max(times) - min(times)) + 1e-9 * (1 + abs(want[0]))
         assert abs(got.offset - want[0]) <= offset_tol
         assert abs(got.uncertainty - want[1]) <= offset_tol
+
+
+class _Reading(float):
+    """A clock reading of a float subclass whose repr is not JSON (as numpy's float64)."""
+
+    def __repr__(self) -> str:
+        return f"_Reading({float(self)!r})"
+
+
+class _Tick(enum.IntEnum):
+    FIVE = 5
+
+
+def test_clock_readings_of_other_number_types_go_out_as_json_numbers() -> None:
+    """A user clock may return numpy scalars or the like: they are written as the
+    float or int json.dumps wrote (or, where it raised, as their float)."""
+    for value, written in [
+        (_Reading(1700000000.25), 1700000000.25),
+        (_Tick.FIVE, 5),
+        (fractions.Fraction(3, 2), 1.5),
+        (decimal.Decimal("2.5"), 2.5),
+    ]:
+        assert build_ping(value) == json.dumps([{"rignet": "ping", "t": written}]).encode()  # type: ignore[arg-type]
+        pong = build_pong(value, value, value)  # type: ignore[arg-type]
+        assert parse_extension(pong) == {
+            "rignet": "pong",
+            "t1": written,
+            "t2": written,
+            "t3": written,
+        }
+    for junk in (None, True, "1.5"):
+        assert parse_extension(build_ping(junk)) is None  # type: ignore[arg-type]
+
+
+@given(
+    st.sampled_from([0.0, 12345.678, 1.7e9]),  # our clock, stalled there
+    st.lists(st.floats(0.0, 0.01), min_size=72, max_size=200),  # the peer's answers (9+ windows)
+)
+def test_a_stalled_clock_fits_no_drift(ours: float, answers: list[float]) -> None:
+    """All exchanges at one time of ours: no slope to fit (dividing rounding errors
+    made drifts of 1e8 s/s up)."""
+    est = ClockEstimator()
+    for answer in answers:
+        theirs = ours + 0.5 + answer
+        est.add(ours, theirs, theirs, ours)
+        estimate = est.estimate()
+        assert estimate is not None
+        assert estimate.drift == 0.0
+        assert 0.5 - 1e-9 <= estimate.offset <= 0.51 + 1e-9

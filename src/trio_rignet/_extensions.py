@@ -28,6 +28,7 @@ offset and drift through them. No I/O here.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
@@ -49,15 +50,35 @@ __all__ = [
 def build_ping(t1: float) -> bytes:
     """A ping carrying the sender's clock ``t1``."""
     # What json.dumps writes, without its encoder (a main PC pings every rig
-    # several times a second): a number's repr is JSON, for ints and finite
-    # floats; a non-finite reading makes a message the peer drops as malformed.
-    return b'[{"rignet": "ping", "t": %a}]' % (t1,)
+    # several times a second): the repr of an int or a finite float is JSON; a
+    # non-finite reading makes a message the peer drops as malformed.
+    return b'[{"rignet": "ping", "t": %a}]' % (_plain(t1),)
 
 
 def build_pong(t1: float, t2: float, t3: float) -> bytes:
     """The answer to a ping sent at ``t1`` (its sender's clock), received at ``t2`` and
     answered at ``t3`` (ours)."""
-    return b'[{"rignet": "pong", "t1": %a, "t2": %a, "t3": %a}]' % (t1, t2, t3)
+    return b'[{"rignet": "pong", "t1": %a, "t2": %a, "t3": %a}]' % (
+        _plain(t1),
+        _plain(t2),
+        _plain(t3),
+    )
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as a plain int or float, whose repr json.dumps would write.
+
+    A clock may return a subclass (numpy's ``float64``, an ``IntEnum``) whose
+    repr is not JSON; json.dumps wrote those as their float or int.
+    """
+    kind = type(value)
+    if kind is float or kind is int or kind is bool:  # (a bool is no clock reading:
+        return value  # json.dumps wrote true, the peer dropped it; so does True)
+    if isinstance(value, int):
+        return int(value)
+    if hasattr(kind, "__float__"):  # float subclasses, Decimal, Fraction, numpy scalars
+        return float(value)
+    return value  # not a number: its repr is a message the peer drops
 
 
 _TIME_LIMIT = 1e12
@@ -152,7 +173,7 @@ class ClockEstimator:
         self._kept: deque[tuple[float, float, float]] = deque(maxlen=keep)
         # The fit's sums over the kept windows (see _fit), done again only when
         # a window is kept: None until then.
-        self._sums: tuple[float, float, float, float, float] | None = None
+        self._sums: tuple[float, float, float, float, float, float, float] | None = None
 
     def add(self, t1: float, t2: float, t3: float, t4: float) -> bool:
         """One exchange: ``t1``/``t4`` on our clock, ``t2``/``t3`` on the peer's.
@@ -235,9 +256,11 @@ class ClockEstimator:
                 dt = t - mean_t
                 stt += w * dt * dt
                 sto += w * dt * (o - mean_o)
-            sums = self._sums = (total, mean_t, mean_o, stt, sto)
-        total, mean_t, mean_o, stt, sto = sums
+            times = [t for _, t, _ in kept]
+            sums = self._sums = (total, mean_t, mean_o, stt, sto, min(times), max(times))
+        total, mean_t, mean_o, stt, sto, first, last = sums
         if best is not None:
+            first, last = min(first, best[1]), max(last, best[1])
             wb = 1.0 / max(best[0], 1e-5) ** 2
             new_total = total + wb
             new_t = mean_t + wb * (best[1] - mean_t) / new_total
@@ -246,9 +269,14 @@ class ClockEstimator:
             stt += total * dt * dt + wb * bt * bt
             sto += total * dt * (mean_o - new_o) + wb * bt * (best[2] - new_o)
             mean_t, mean_o = new_t, new_o
-        if stt <= 0:
+        # Times all equal but for rounding (our clock stalled, or too coarse):
+        # no slope to fit, and dividing rounding errors would make one up.
+        if stt <= 0 or last - first <= _SAME_TIME_ULPS * math.ulp(max(-first, last)):
             return 0.0, mean_t, mean_o
         return sto / stt, mean_t, mean_o
+
+
+_SAME_TIME_ULPS = 64
 
 
 @dataclass
